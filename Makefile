@@ -1,0 +1,56 @@
+# deltavec: the two commands a newcomer needs are `make demo` and `make test`.
+#
+# `make` sets up what is missing and nothing else: the virtual environment is
+# rebuilt only when pyproject.toml or constraints.txt change (torch is large and
+# installs once), and the Delta JARs are fetched into ~/.m2 only when absent.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DELTA_VERSION := $(shell sed -n 's/.*"delta-spark==\([0-9.]*\)".*/\1/p' pyproject.toml)
+DELTA_JAR := $(HOME)/.m2/repository/io/delta/delta-spark_2.13/$(DELTA_VERSION)/delta-spark_2.13-$(DELTA_VERSION).jar
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast bench lint typecheck setup jars clean
+
+setup: $(STAMP) jars
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+# Spark's Ivy looks in ~/.m2/repository before Maven Central: warming it once
+# makes every later Spark start (and the test suite) work offline.
+jars: $(DELTA_JAR)
+
+$(DELTA_JAR):
+	@if command -v mvn >/dev/null 2>&1; then \
+		mvn --batch-mode --quiet dependency:get -Dartifact=io.delta:delta-spark_2.13:$(DELTA_VERSION) -Dtransitive=true; \
+	else \
+		echo "mvn not found: Spark will fetch the Delta JARs from Maven Central on first start"; \
+	fi
+
+demo: setup
+	$(BIN)/deltavec demo --config conf/deltavec.toml
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not fault and not cluster" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/throughput.py
+
+lint: setup
+	$(BIN)/ruff check streaming tests benchmarks
+	$(BIN)/ruff format --check streaming tests benchmarks
+
+typecheck: setup
+	$(BIN)/mypy
+
+clean:
+	rm -rf data checkpoints/demo spark-warehouse metastore_db derby.log .pytest_cache

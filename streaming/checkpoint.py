@@ -1,0 +1,127 @@
+"""What deltavec reads from, and keeps in, a Structured Streaming checkpoint.
+
+Files are read through Hadoop's FileSystem on the driver, so a checkpoint on
+S3, ABFS, GCS, HDFS or DBFS works the same as a local folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from streaming.tables import hadoop_fs
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+_APP_ID_PREFIX = "deltavec-"
+
+
+@dataclass(frozen=True)
+class DeltaOffset:
+    """The Delta source's position after a micro-batch (from ``offsets/<batchId>``)."""
+
+    reservoir_id: str
+    reservoir_version: int
+    index: int
+
+    @property
+    def last_version(self) -> int:
+        """The newest source commit whose rows this offset includes.
+
+        An index of -1 means "every file of the previous version is done": the
+        offset stands at the start of ``reservoir_version``.
+        """
+        return self.reservoir_version - 1 if self.index == -1 else self.reservoir_version
+
+
+class Checkpoint:
+    """A checkpoint folder: Spark's own files plus deltavec's ``_deltavec/`` notes."""
+
+    def __init__(self, spark: SparkSession, location: str) -> None:
+        self.spark = spark
+        self.location = location.rstrip("/")
+        self._fs, _ = hadoop_fs(spark, self.location)
+        jvm: Any = spark.sparkContext._jvm
+        self._Path = jvm.org.apache.hadoop.fs.Path
+
+    def _read(self, relative: str) -> str | None:
+        path = self._Path(f"{self.location}/{relative}")
+        if not self._fs.exists(path):
+            return None
+        stream = self._fs.open(path)
+        try:
+            jvm: Any = self.spark.sparkContext._jvm
+            data = jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
+        finally:
+            stream.close()
+        return str(data)
+
+    def write_text(self, relative: str, text: str) -> None:
+        stream = self._fs.create(self._Path(f"{self.location}/{relative}"), True)
+        try:
+            stream.write(bytearray(text.encode("utf-8")))
+        finally:
+            stream.close()
+
+    def exists(self) -> bool:
+        return bool(self._fs.exists(self._Path(f"{self.location}/metadata")))
+
+    def query_id(self) -> str | None:
+        """The stream's id, fixed when the checkpoint was created."""
+        text = self._read("metadata")
+        return str(json.loads(text)["id"]) if text else None
+
+    def app_id(self) -> str:
+        """Delta ``txnAppId`` for this checkpoint: a new checkpoint gets a new one.
+
+        Raises:
+            RuntimeError: the stream has not created the checkpoint yet.
+        """
+        query_id = self.query_id()
+        if query_id is None:
+            raise RuntimeError(f"checkpoint {self.location} has no metadata yet")
+        return _APP_ID_PREFIX + query_id
+
+    def offset(self, batch_id: int) -> DeltaOffset | None:
+        """The Delta source offset recorded for ``batch_id`` (written before the batch runs)."""
+        text = self._read(f"offsets/{batch_id}")
+        return parse_delta_offset(text) if text else None
+
+    def last_committed_batch(self) -> int | None:
+        """The newest batch id Spark marked done in ``commits/``."""
+        path = self._Path(f"{self.location}/commits")
+        if not self._fs.exists(path):
+            return None
+        ids = [
+            int(status.getPath().getName())
+            for status in self._fs.listStatus(path)
+            if status.getPath().getName().isdigit()
+        ]
+        return max(ids) if ids else None
+
+    def notes(self) -> dict[str, Any]:
+        """deltavec's own record in the checkpoint (source table id, model)."""
+        text = self._read("_deltavec/job.json")
+        return dict(json.loads(text)) if text else {}
+
+    def write_notes(self, notes: dict[str, Any]) -> None:
+        self.write_text("_deltavec/job.json", json.dumps(notes, indent=2, sort_keys=True))
+
+
+def parse_delta_offset(text: str) -> DeltaOffset | None:
+    """Parse an ``offsets/<n>`` file: a version line, a metadata line, one line per source."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    for line in reversed(lines[2:]):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and "reservoirVersion" in data:
+            return DeltaOffset(
+                reservoir_id=str(data.get("reservoirId", "")),
+                reservoir_version=int(data["reservoirVersion"]),
+                index=int(data.get("index", -1)),
+            )
+    return None

@@ -1,0 +1,36 @@
+"""The project's exception tree.
+
+Every error a user can cause or fix derives from ``DeltavecError``; the CLI prints
+its message as one line and exits non-zero. Anything else is a bug and keeps its
+stack trace.
+"""
+
+from __future__ import annotations
+
+
+class DeltavecError(Exception):
+    """Root of every error deltavec raises on purpose."""
+
+
+class ConfigError(DeltavecError):
+    """The configuration file or an environment override is wrong."""
+
+
+class SourceError(DeltavecError):
+    """The source table is missing, is not Delta, or lacks a configured column."""
+
+
+class TargetError(DeltavecError):
+    """The target table exists but cannot take this job's vectors."""
+
+
+class ModelError(DeltavecError):
+    """The model cannot be loaded or does not produce fixed-size vectors."""
+
+
+class CheckpointError(DeltavecError):
+    """The checkpoint belongs to another job, another source, or is in use."""
+
+
+class SchemaChangedError(DeltavecError):
+    """The source schema changed under a running job."""

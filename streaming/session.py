@@ -1,0 +1,98 @@
+"""SparkSession with Delta Lake, for the embedded default and for real clusters.
+
+The Delta JARs are named as Maven coordinates (``spark.jars.packages``); Spark's Ivy
+resolves them from ``~/.m2/repository`` first and Maven Central second, and ships
+them to executors itself. ``make jars`` warms ``~/.m2`` once so later starts work
+offline.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from importlib.metadata import version
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+SCALA_BINARY = "2.13"
+
+
+def delta_packages() -> list[str]:
+    """Maven coordinates of the Delta JARs that match the installed delta-spark."""
+    return [f"io.delta:delta-spark_{SCALA_BINARY}:{version('delta-spark')}"]
+
+
+def _local_defaults(master: str) -> dict[str, str]:
+    cores = _local_cores(master)
+    return {
+        # Few, busy partitions: a micro-batch is small next to the shuffle default of 200.
+        "spark.sql.shuffle.partitions": str(max(2, cores)),
+        "spark.default.parallelism": str(max(2, cores)),
+        # The Delta log replay uses its own partition count (50 by default), which
+        # only costs task overhead on one machine.
+        "spark.databricks.delta.snapshotPartitions": str(max(2, cores)),
+    }
+
+
+def _local_cores(master: str) -> int:
+    inside = master[master.find("[") + 1 : master.find("]")] if "[" in master else "1"
+    if inside.split(",")[0].strip() in ("*", ""):
+        return os.cpu_count() or 1
+    try:
+        return int(inside.split(",")[0])
+    except ValueError:
+        return os.cpu_count() or 1
+
+
+def build_session(
+    *,
+    master: str | None,
+    app_name: str,
+    conf: Mapping[str, str] | None = None,
+) -> SparkSession:
+    """Create (or join) the SparkSession the job runs in.
+
+    Args:
+        master: ``local[*]``, ``spark://host:7077``, ``k8s://…``; None keeps whatever
+            spark-submit or the platform (Databricks) already set.
+        app_name: the application name shown in the Spark UI.
+        conf: extra Spark settings; they win over deltavec's defaults.
+    """
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        # Databricks notebooks and tests already hold a session with Delta in it.
+        return active
+
+    settings: dict[str, str] = {
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        # Arrow batches feed the encoder; 2,048 rows keep a worker's memory small
+        # while the encoder's own token budget decides the forward-pass size.
+        "spark.sql.execution.arrow.maxRecordsPerBatch": "2048",
+    }
+    if master and master.startswith("local"):
+        settings.update(_local_defaults(master))
+        # Python workers must run the interpreter that has torch and this package.
+        # PySpark reads the variable when it creates the SparkContext; the
+        # spark.pyspark.python setting only reaches drivers started by spark-submit.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    user_conf = dict(conf or {})
+    packages = [p for p in user_conf.pop("spark.jars.packages", "").split(",") if p]
+    if not any(p.startswith("io.delta:delta-spark") for p in packages):
+        packages = delta_packages() + packages
+    settings["spark.jars.packages"] = ",".join(packages)
+    settings.update(user_conf)
+
+    builder = SparkSession.builder.appName(app_name)
+    if master:
+        builder = builder.master(master)
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("DELTAVEC_SPARK_LOG_LEVEL", "WARN"))
+    return spark

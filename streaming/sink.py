@@ -1,0 +1,464 @@
+"""The ``foreachBatch`` sink: collapse, skip unchanged, embed, MERGE, quarantine.
+
+Exactly-once rests on two facts. Spark replays a micro-batch with the same id and
+the same rows after a crash. Each MERGE runs with Delta's session settings
+``spark.databricks.delta.write.txnAppId``/``txnVersion`` set to (this checkpoint's
+app id, batch id), so Delta skips a MERGE it has already committed for that batch.
+A crash between the MERGE commit and Spark's checkpoint commit therefore writes
+nothing twice.
+
+This module imports no torch: the model runs on the workers, inside ``udf``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from streaming import changes, faults, tables
+from streaming.checkpoint import Checkpoint
+from streaming.columns import (
+    BATCH_SOURCE_VERSION,
+    BATCH_TEXT_HASH,
+    DELETE,
+    DIM,
+    EMBEDDED_AT,
+    EMBEDDING,
+    ERROR_CODE,
+    ERROR_MESSAGE,
+    IS_DUPLICATE,
+    KEY_JSON,
+    MODEL,
+    OP,
+    PROBLEM,
+    SOURCE_VERSION,
+    TEXT,
+    TEXT_HASH,
+    UPSERT,
+)
+from streaming.config import TableRef
+from streaming.retry import retry_conflicts
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+    from pyspark.sql.types import StructType
+
+    from streaming.udf import EmbedBatches
+
+log = logging.getLogger(__name__)
+
+TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
+TXN_VERSION = "spark.databricks.delta.write.txnVersion"
+_ACTION = "_action"
+_VALUE_CHARS = 1000
+
+
+class StopRequested(Exception):
+    """Raised into Spark when a batch starts after a stop was asked for; nothing is written."""
+
+
+@dataclass
+class BatchReport:
+    """What one micro-batch did; fed to metrics, logs and the run summary."""
+
+    batch_id: int
+    rows: int = 0
+    upserts: int = 0
+    deletes: int = 0
+    unchanged: int = 0
+    embedded: int = 0
+    quarantined: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    source_version: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    replayed: bool = False
+
+    @property
+    def quarantined_total(self) -> int:
+        return sum(self.quarantined.values())
+
+
+class MergeSink:
+    """Callable for ``DataStreamWriter.foreachBatch``; one instance per query.
+
+    Args:
+        target: the target table.
+        quarantine: where rows that cannot be embedded go.
+        checkpoint: the query's checkpoint, for the txn app id and source offsets.
+        keys: key columns.
+        template: text template; ``text_columns`` are the columns it reads.
+        mode: "append" or "changes".
+        embed: the ``mapInArrow`` function that adds vectors (its ``output_names``
+            are filled in here, from the batch's columns).
+        model_identity: recorded in every target row.
+        dim: the vector size.
+        parallelism: partitions the model work is spread over (one per task slot).
+        on_batch: called with each batch's report after it is written.
+    """
+
+    def __init__(
+        self,
+        *,
+        target: TableRef,
+        quarantine: TableRef,
+        checkpoint: Checkpoint,
+        keys: list[str],
+        template: str,
+        text_columns: list[str],
+        mode: str,
+        embed: EmbedBatches,
+        model_identity: str,
+        dim: int,
+        parallelism: int,
+        on_batch: list[object] | None = None,
+    ) -> None:
+        self.target = target
+        self.quarantine = quarantine
+        self.checkpoint = checkpoint
+        self.keys = keys
+        self.template = template
+        self.text_columns = text_columns
+        self.mode = mode
+        self.embed = embed
+        self.model_identity = model_identity
+        self.dim = dim
+        self.parallelism = parallelism
+        self.listeners = list(on_batch or [])
+        self.stopping = threading.Event()
+        self.idle = threading.Event()
+        self.idle.set()
+        self._app_id: str | None = None
+
+    def __call__(self, batch: DataFrame, batch_id: int) -> None:
+        if self.stopping.is_set():
+            raise StopRequested(f"stop requested before batch {batch_id}")
+        self.idle.clear()
+        try:
+            report = self.process(batch, batch_id)
+        finally:
+            self.idle.set()
+        for listener in self.listeners:
+            listener(report)  # type: ignore[operator]
+
+    @property
+    def app_id(self) -> str:
+        if self._app_id is None:
+            self._app_id = self.checkpoint.app_id()
+        return self._app_id
+
+    # -- one micro-batch --------------------------------------------------------------
+
+    def process(
+        self, batch: DataFrame, batch_id: int, *, source_version: int | None = None
+    ) -> BatchReport:
+        """Write one micro-batch; ``source_version`` defaults to the checkpoint's offset."""
+        from pyspark import StorageLevel
+        from pyspark.sql import functions as F
+
+        spark = batch.sparkSession
+        report = BatchReport(batch_id=batch_id, source_version=source_version)
+        clock = _Clock(report.seconds)
+        if self.mode == "append" and source_version is None:
+            offset = self.checkpoint.offset(batch_id)
+            report.source_version = offset.last_version if offset else None
+
+        with clock("read"):
+            acts = changes.actions(
+                batch,
+                keys=self.keys,
+                template=self.template,
+                text_columns=self.text_columns,
+                mode=self.mode,
+                batch_version=report.source_version,
+            ).persist(StorageLevel.MEMORY_AND_DISK)
+            self._count_actions(acts, report)
+
+        with clock("embed"):
+            good = acts.where(
+                (F.col(OP) == UPSERT) & F.col(PROBLEM).isNull() & ~F.col(IS_DUPLICATE)
+            )
+            candidates = self._skip_unchanged(spark, good)
+            inputs = self._spread(candidates).select(
+                *self.keys, BATCH_SOURCE_VERSION, TEXT, BATCH_TEXT_HASH, KEY_JSON
+            )
+            embed, schema = self._embedder(inputs.schema)
+            embedded = inputs.mapInArrow(embed, schema).persist(StorageLevel.MEMORY_AND_DISK)
+            counts = embedded.groupBy(F.col(ERROR_CODE)).count().collect()
+            for row in counts:
+                code = row[ERROR_CODE]
+                if code is None:
+                    report.embedded = int(row["count"])
+                else:
+                    report.quarantined[code] = report.quarantined.get(code, 0) + int(row["count"])
+            report.unchanged = (
+                report.upserts
+                - report.embedded
+                - sum(int(r["count"]) for r in counts if r[ERROR_CODE] is not None)
+            )
+
+        try:
+            faults.maybe_fail("before_merge")
+            with clock("merge"):
+                if report.embedded or report.deletes or report.quarantined:
+                    self._merge_target(spark, acts, embedded, batch_id)
+                self._merge_quarantine(spark, acts, embedded, batch_id, report)
+            faults.maybe_fail("after_merge")
+        finally:
+            embedded.unpersist()
+            acts.unpersist()
+        log.info(
+            "batch %d: rows=%d embedded=%d unchanged=%d deleted=%d quarantined=%d "
+            "duplicates=%d source_version=%s read=%.2fs embed=%.2fs merge=%.2fs",
+            batch_id,
+            report.rows,
+            report.embedded,
+            report.unchanged,
+            report.deletes,
+            report.quarantined_total,
+            report.duplicates,
+            report.source_version,
+            report.seconds.get("read", 0.0),
+            report.seconds.get("embed", 0.0),
+            report.seconds.get("merge", 0.0),
+        )
+        return report
+
+    def _count_actions(self, acts: DataFrame, report: BatchReport) -> None:
+        from pyspark.sql import functions as F
+
+        row = acts.agg(
+            F.count(F.lit(1)).alias("rows"),
+            F.sum(F.when(F.col(IS_DUPLICATE), 1).otherwise(0)).alias("duplicates"),
+            F.sum(F.when(~F.col(IS_DUPLICATE) & (F.col(OP) == DELETE), 1).otherwise(0)).alias(
+                "deletes"
+            ),
+            F.sum(
+                F.when(
+                    ~F.col(IS_DUPLICATE) & (F.col(OP) == UPSERT) & F.col(PROBLEM).isNull(), 1
+                ).otherwise(0)
+            ).alias("upserts"),
+        ).first()
+        problems = acts.where(F.col(PROBLEM).isNotNull()).groupBy(PROBLEM).count().collect()
+        report.rows = int(row["rows"] or 0) if row else 0
+        report.duplicates = int(row["duplicates"] or 0) if row else 0
+        report.deletes = int(row["deletes"] or 0) if row else 0
+        report.upserts = int(row["upserts"] or 0) if row else 0
+        report.quarantined = {r[PROBLEM]: int(r["count"]) for r in problems}
+        if report.duplicates:
+            sample = [
+                r[KEY_JSON]
+                for r in acts.where(F.col(IS_DUPLICATE)).select(KEY_JSON).limit(5).collect()
+            ]
+            log.warning(
+                "batch %d: %d source rows repeat a key within one commit; kept the row whose "
+                "text hash is greatest, e.g. keys %s",
+                report.batch_id,
+                report.duplicates,
+                ", ".join(sample),
+            )
+
+    def _embedder(self, inputs: StructType) -> tuple[EmbedBatches, StructType]:
+        """The ``mapInArrow`` function and its output schema for these input columns."""
+        from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
+
+        # Every output column may be null: failed rows have no vector, good rows no text.
+        schema = StructType(
+            [
+                *[StructField(f.name, f.dataType, nullable=True) for f in inputs.fields],
+                StructField(EMBEDDING, ArrayType(FloatType(), containsNull=False)),
+                StructField(ERROR_CODE, StringType()),
+                StructField(ERROR_MESSAGE, StringType()),
+            ]
+        )
+        return replace(self.embed, output_names=tuple(schema.names)), schema
+
+    def _skip_unchanged(self, spark: SparkSession, good: DataFrame) -> DataFrame:
+        """Drop upserts whose text the target already embedded with this model."""
+        from pyspark.sql import functions as F
+
+        existing = (
+            tables.read(spark, self.target)
+            .where(F.col(MODEL) == self.model_identity)
+            .select(*self.keys, F.col(TEXT_HASH).alias(BATCH_TEXT_HASH))
+        )
+        return good.join(existing, on=[*self.keys, BATCH_TEXT_HASH], how="left_anti")
+
+    def _spread(self, frame: DataFrame) -> DataFrame:
+        # A micro-batch of one or two small files arrives as one or two partitions;
+        # the model should run on every task slot.
+        if frame.rdd.getNumPartitions() < self.parallelism:
+            return frame.repartition(self.parallelism)
+        return frame
+
+    # -- writes ------------------------------------------------------------------------
+
+    @contextmanager
+    def _txn(self, spark: SparkSession, batch_id: int) -> Iterator[None]:
+        spark.conf.set(TXN_APP_ID, self.app_id)
+        spark.conf.set(TXN_VERSION, str(batch_id))
+        try:
+            yield
+        finally:
+            spark.conf.unset(TXN_APP_ID)
+            spark.conf.unset(TXN_VERSION)
+
+    def _merge_target(
+        self, spark: SparkSession, acts: DataFrame, embedded: DataFrame, batch_id: int
+    ) -> None:
+        from pyspark.sql import functions as F
+
+        upserts = embedded.where(F.col(ERROR_CODE).isNull()).select(
+            *self.keys,
+            F.lit(UPSERT).alias(_ACTION),
+            F.col(EMBEDDING),
+            F.col(BATCH_TEXT_HASH),
+            F.col(BATCH_SOURCE_VERSION),
+        )
+        # A row that now fails (blank text, model error) loses its old vector:
+        # the target only holds vectors of the latest text.
+        removals = acts.where(
+            ~F.col(IS_DUPLICATE)
+            & ((F.col(OP) == DELETE) | F.col(PROBLEM).isNotNull())
+            & ~changes.any_null(self.keys)
+        ).select(*self.keys, F.col(BATCH_SOURCE_VERSION))
+        failed = embedded.where(F.col(ERROR_CODE).isNotNull()).select(
+            *self.keys, F.col(BATCH_SOURCE_VERSION)
+        )
+        deletes = removals.unionByName(failed).withColumn(_ACTION, F.lit(DELETE))
+        source = upserts.unionByName(deletes, allowMissingColumns=True)
+
+        condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in self.keys)
+        # Never let an older source version overwrite a newer one (a late retry).
+        newer = (
+            f"(t.`{SOURCE_VERSION}` IS NULL OR s.`{BATCH_SOURCE_VERSION}` IS NULL "
+            f"OR t.`{SOURCE_VERSION}` <= s.`{BATCH_SOURCE_VERSION}`)"
+        )
+        values: dict[str, str | Column] = {
+            **{k: f"s.`{k}`" for k in self.keys},
+            EMBEDDING: f"s.`{EMBEDDING}`",
+            MODEL: F.lit(self.model_identity),
+            DIM: F.lit(self.dim),
+            TEXT_HASH: f"s.`{BATCH_TEXT_HASH}`",
+            SOURCE_VERSION: f"s.`{BATCH_SOURCE_VERSION}`",
+            EMBEDDED_AT: F.current_timestamp(),
+        }
+
+        def merge() -> None:
+            with self._txn(spark, batch_id):
+                (
+                    tables.delta_table(spark, self.target)
+                    .alias("t")
+                    .merge(source.alias("s"), condition)
+                    .whenMatchedDelete(condition=f"s.{_ACTION} = '{DELETE}' AND {newer}")
+                    .whenMatchedUpdate(
+                        condition=f"s.{_ACTION} = '{UPSERT}' AND {newer}",
+                        set={k: v for k, v in values.items() if k not in self.keys},
+                    )
+                    .whenNotMatchedInsert(condition=f"s.{_ACTION} = '{UPSERT}'", values=values)
+                    .execute()
+                )
+
+        retry_conflicts(merge, what=f"MERGE of batch {batch_id} into {self.target.name}")
+
+    def _merge_quarantine(
+        self,
+        spark: SparkSession,
+        acts: DataFrame,
+        embedded: DataFrame,
+        batch_id: int,
+        report: BatchReport,
+    ) -> None:
+        """Upsert this batch's failures; clear keys that now embed or were deleted."""
+        from pyspark.sql import functions as F
+
+        if not report.quarantined and tables.detail(spark, self.quarantine).get("numFiles", 0) == 0:
+            return
+        problems = acts.where(F.col(PROBLEM).isNotNull() & ~F.col(IS_DUPLICATE)).select(
+            F.col(KEY_JSON),
+            F.col(BATCH_SOURCE_VERSION),
+            F.col(PROBLEM).alias("reason"),
+            _problem_message(self.keys, self.text_columns).alias("message"),
+            F.col(TEXT),
+        )
+        failures = embedded.where(F.col(ERROR_CODE).isNotNull()).select(
+            F.col(KEY_JSON),
+            F.col(BATCH_SOURCE_VERSION),
+            F.col(ERROR_CODE).alias("reason"),
+            F.col(ERROR_MESSAGE).alias("message"),
+            F.col(TEXT),
+        )
+        bad = problems.unionByName(failures).select(
+            F.col(KEY_JSON).alias("key"),
+            F.col(BATCH_SOURCE_VERSION).alias("source_version"),
+            F.col("reason"),
+            F.col("message"),
+            F.substring(F.col(TEXT), 1, _VALUE_CHARS).alias("value"),
+            F.length(F.col(TEXT)).cast("long").alias("value_length"),
+            F.lit(batch_id).cast("long").alias("batch_id"),
+            F.current_timestamp().alias("quarantined_at"),
+            F.lit(False).alias("_clear"),
+        )
+        failed_keys = bad.select("key")
+        cleared = (
+            acts.where(~F.col(IS_DUPLICATE) & F.col(PROBLEM).isNull())
+            .select(F.col(KEY_JSON).alias("key"))
+            .join(failed_keys, on="key", how="left_anti")
+            .withColumn("_clear", F.lit(True))
+        )
+        source = bad.unionByName(cleared, allowMissingColumns=True)
+        columns = [c for c in bad.columns if c != "_clear"]
+
+        def merge() -> None:
+            with self._txn(spark, batch_id):
+                (
+                    tables.delta_table(spark, self.quarantine)
+                    .alias("q")
+                    .merge(
+                        source.alias("s"),
+                        f"q.key = s.key AND s.reason IS DISTINCT FROM '{changes.NULL_KEY}'",
+                    )
+                    .whenMatchedDelete(condition="s._clear")
+                    .whenMatchedUpdate(
+                        condition="NOT s._clear", set={c: f"s.`{c}`" for c in columns}
+                    )
+                    .whenNotMatchedInsert(
+                        condition="NOT s._clear", values={c: f"s.`{c}`" for c in columns}
+                    )
+                    .execute()
+                )
+
+        retry_conflicts(merge, what=f"MERGE of batch {batch_id} into {self.quarantine.name}")
+
+
+def _problem_message(keys: list[str], text_columns: list[str]) -> Column:
+    from pyspark.sql import functions as F
+
+    return (
+        F.when(
+            F.col(PROBLEM) == changes.NULL_KEY,
+            F.lit(f"a key column ({', '.join(keys)}) is null"),
+        )
+        .when(
+            F.col(PROBLEM) == changes.EMPTY_TEXT,
+            F.lit(f"every template column ({', '.join(text_columns)}) is null, empty or blank"),
+        )
+        .otherwise(F.col(PROBLEM))
+    )
+
+
+class _Clock:
+    def __init__(self, sink: dict[str, float]) -> None:
+        self.sink = sink
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sink[name] = self.sink.get(name, 0.0) + time.perf_counter() - start

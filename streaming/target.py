@@ -1,0 +1,162 @@
+"""The target and quarantine tables: their schemas, creation and compatibility checks.
+
+The target records which model made its vectors in the table property
+``deltavec.model``, so a job started with another model is refused before it
+writes a single row.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from streaming import tables
+from streaming.columns import DIM, EMBEDDED_AT, EMBEDDING, MODEL, SOURCE_VERSION, TEXT_HASH
+from streaming.config import TableRef
+from streaming.errors import TargetError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+    from pyspark.sql.types import StructField, StructType
+
+MODEL_PROPERTY = "deltavec.model"
+DIM_PROPERTY = "deltavec.dim"
+KEYS_PROPERTY = "deltavec.keys"
+
+QUARANTINE_COLUMNS = (
+    "key",
+    "source_version",
+    "reason",
+    "message",
+    "value",
+    "value_length",
+    "batch_id",
+    "quarantined_at",
+)
+
+
+def target_schema(key_fields: list[StructField]) -> StructType:
+    from pyspark.sql.types import (
+        ArrayType,
+        FloatType,
+        IntegerType,
+        LongType,
+        StringType,
+        StructField,
+        StructType,
+        TimestampType,
+    )
+
+    return StructType(
+        [
+            *[StructField(f.name, f.dataType, nullable=False) for f in key_fields],
+            StructField(EMBEDDING, ArrayType(FloatType(), containsNull=False), nullable=False),
+            StructField(MODEL, StringType(), nullable=False),
+            StructField(DIM, IntegerType(), nullable=False),
+            StructField(TEXT_HASH, StringType(), nullable=False),
+            StructField(SOURCE_VERSION, LongType(), nullable=True),
+            StructField(EMBEDDED_AT, TimestampType(), nullable=False),
+        ]
+    )
+
+
+def quarantine_schema() -> StructType:
+    from pyspark.sql.types import LongType, StringType, StructField, StructType, TimestampType
+
+    return StructType(
+        [
+            # The key columns as JSON, so one schema serves every source.
+            StructField("key", StringType()),
+            StructField("source_version", LongType()),
+            StructField("reason", StringType(), nullable=False),
+            StructField("message", StringType()),
+            # The offending text, cut to its first 1,000 characters.
+            StructField("value", StringType()),
+            StructField("value_length", LongType()),
+            StructField("batch_id", LongType()),
+            StructField("quarantined_at", TimestampType(), nullable=False),
+        ]
+    )
+
+
+def ensure_target(
+    spark: SparkSession,
+    ref: TableRef,
+    *,
+    key_fields: list[StructField],
+    model_identity: str,
+    dim: int,
+) -> None:
+    """Create the target if it is missing; refuse one this job cannot write.
+
+    Raises:
+        TargetError: the table exists with another schema, keys or model.
+    """
+    if not tables.exists(spark, ref):
+        if ref.path and tables.path_has_files(spark, ref.path):
+            raise TargetError(
+                f"target {ref.name} exists but is not a Delta table; "
+                "point target.path at an empty folder or a deltavec target"
+            )
+        _create(
+            spark,
+            ref,
+            target_schema(key_fields),
+            {
+                MODEL_PROPERTY: model_identity,
+                DIM_PROPERTY: str(dim),
+                KEYS_PROPERTY: ",".join(f.name for f in key_fields),
+            },
+        )
+        return
+    check_target(spark, ref, key_fields=key_fields, model_identity=model_identity)
+
+
+def check_target(
+    spark: SparkSession, ref: TableRef, *, key_fields: list[StructField], model_identity: str
+) -> None:
+    """Raise TargetError unless the existing target fits these keys and this model."""
+    schema = tables.read(spark, ref).schema
+    have = {f.name: f.dataType for f in schema.fields}
+    for wanted in target_schema(key_fields).fields:
+        if wanted.name not in have:
+            raise TargetError(
+                f"target {ref.name} has an incompatible schema: column {wanted.name} is missing"
+            )
+        if have[wanted.name] != wanted.dataType:
+            raise TargetError(
+                f"target {ref.name} has an incompatible schema: column {wanted.name} is "
+                f"{have[wanted.name].simpleString()}, deltavec writes "
+                f"{wanted.dataType.simpleString()}"
+            )
+    recorded = tables.properties(spark, ref).get(MODEL_PROPERTY)
+    if recorded and recorded != model_identity:
+        raise TargetError(
+            f"target {ref.name} holds vectors from model {recorded}, but this job uses "
+            f"{model_identity}; run 'deltavec reembed --model ...' to switch models, "
+            "or write to a new target"
+        )
+
+
+def ensure_quarantine(spark: SparkSession, ref: TableRef) -> None:
+    if tables.exists(spark, ref):
+        have = set(tables.read(spark, ref).columns)
+        missing = [c for c in QUARANTINE_COLUMNS if c not in have]
+        if missing:
+            raise TargetError(
+                f"quarantine table {ref.name} has an incompatible schema: "
+                f"missing {', '.join(missing)}"
+            )
+        return
+    _create(spark, ref, quarantine_schema(), {})
+
+
+def _create(
+    spark: SparkSession, ref: TableRef, schema: StructType, properties: dict[str, str]
+) -> None:
+    from delta.tables import DeltaTable
+
+    builder = DeltaTable.createIfNotExists(spark).addColumns(schema)
+    builder = builder.tableName(ref.table) if ref.table else builder.location(ref.path or "")
+    for key, value in properties.items():
+        builder = builder.property(key, value)
+    builder.execute()

@@ -1,0 +1,156 @@
+"""The Spark side of the encoder: an Arrow-in, Arrow-out function for ``mapInArrow``.
+
+``mapInArrow`` hands each Python worker Arrow record batches and takes Arrow back,
+so texts cross the JVM boundary once and vectors come back as one flat float32
+buffer wrapped in a list array: no pandas, and no Python object per vector.
+
+The function object pickled to the workers holds only plain settings; the model is
+built on the worker by a factory and kept in a per-process cache keyed by those
+settings (Spark reuses Python workers across tasks, so a worker loads it once).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from streaming.columns import EMBEDDING, ERROR_CODE, ERROR_MESSAGE, TEXT
+from streaming.encoder import EncoderSpec
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from streaming.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+_encoders: dict[EncoderSpec, Encoder] = {}
+_encoders_lock = threading.Lock()
+
+
+def get_encoder(spec: EncoderSpec) -> Encoder:
+    """The encoder for ``spec`` in this process, built on first use."""
+    encoder = _encoders.get(spec)
+    if encoder is not None:
+        return encoder
+    with _encoders_lock:
+        encoder = _encoders.get(spec)
+        if encoder is None:
+            from streaming.encoder import Encoder
+
+            encoder = Encoder(spec)
+            _encoders[spec] = encoder
+    return encoder
+
+
+def loaded_encoders() -> int:
+    """How many models this process holds (tests use it to prove there is one)."""
+    return len(_encoders)
+
+
+def task_device(requested: str) -> str:
+    """The GPU Spark assigned to the running task, else what the config asked for."""
+    if requested == "cpu":
+        return requested
+    try:
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+        gpus = context.resources().get("gpu") if context else None
+    except Exception:  # noqa: BLE001 - outside a task there is nothing to ask
+        gpus = None
+    if gpus is not None and gpus.addresses:
+        return f"cuda:{gpus.addresses[0]}"
+    return requested
+
+
+@dataclass(frozen=True)
+class EmbedBatches:
+    """``mapInArrow`` function: adds ``embedding``, ``_error_code`` and ``_error_message``.
+
+    Attributes:
+        model: the model as configured ("default", a folder, or an id); resolved
+            on the worker so each machine finds its own copy.
+        spec: encoder settings, with ``model`` left for the worker to fill in.
+        output_names: the output columns, in the order of the declared schema.
+    """
+
+    model: str
+    spec: EncoderSpec
+    output_names: tuple[str, ...] = ()
+
+    def __call__(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from streaming.models import resolve_model
+
+        spec = replace(
+            self.spec, model=resolve_model(self.model), device=task_device(self.spec.device)
+        )
+        encoder = get_encoder(spec)
+        for batch in batches:
+            yield self._embed(encoder, batch)
+
+    def _embed(self, encoder: Encoder, batch: pa.RecordBatch) -> pa.RecordBatch:
+        import pyarrow as pa
+
+        from streaming.encoder import encode_isolating_failures
+
+        texts, codes, messages = decode_texts(batch.column(batch.schema.get_field_index(TEXT)))
+        good = [i for i, code in enumerate(codes) if code is None]
+        vectors = np.full((batch.num_rows, encoder.dim), np.nan, dtype=np.float32)
+        if good:
+            encoded, failures, _ = encode_isolating_failures(encoder, [texts[i] for i in good])
+            vectors[good] = encoded
+            for failure in failures:
+                row = good[failure.index]
+                codes[row], messages[row] = failure.code, failure.message
+        failed = np.fromiter((c is not None for c in codes), dtype=bool, count=batch.num_rows)
+        dim = encoder.dim
+        offsets = pa.array(np.arange(0, (batch.num_rows + 1) * dim, dim, dtype=np.int32))
+        embedding = pa.ListArray.from_arrays(
+            offsets, pa.array(vectors.reshape(-1)), mask=pa.array(failed)
+        )
+        columns = {name: batch.column(i) for i, name in enumerate(batch.schema.names)}
+        columns[EMBEDDING] = embedding
+        columns[ERROR_CODE] = pa.array(codes, type=pa.string())
+        columns[ERROR_MESSAGE] = pa.array(messages, type=pa.string())
+        # Failed rows keep their text for the quarantine; good rows drop it here.
+        columns[TEXT] = pa.array(
+            [texts[i] if failed[i] else None for i in range(batch.num_rows)], type=pa.string()
+        )
+        return pa.RecordBatch.from_arrays(
+            [columns[name] for name in self.output_names], names=list(self.output_names)
+        )
+
+
+def decode_texts(column: pa.Array) -> tuple[list[str], list[str | None], list[str | None]]:
+    """Python strings from an Arrow string or binary column, flagging invalid UTF-8.
+
+    Spark does not validate strings it reads from Parquet, so bytes that are not
+    UTF-8 (lone surrogates, truncated sequences) can reach the worker; they are
+    quarantined as ``invalid_utf8`` rather than failing the task.
+    """
+    import pyarrow as pa
+
+    n = len(column)
+    codes: list[str | None] = [None] * n
+    messages: list[str | None] = [None] * n
+    try:
+        texts = column.cast(pa.string()).to_pylist()
+        return [t or "" for t in texts], codes, messages
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        pass
+    raw = column.cast(pa.binary()).to_pylist()
+    decoded: list[str] = []
+    for i, value in enumerate(raw):
+        try:
+            decoded.append((value or b"").decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            decoded.append((value or b"").decode("utf-8", errors="replace"))
+            codes[i] = "invalid_utf8"
+            messages[i] = f"text is not valid UTF-8: {exc.reason} at byte {exc.start}"
+    return decoded, codes, messages
