@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from streaming.errors import DeltavecError
 
@@ -51,6 +52,19 @@ def _parser() -> argparse.ArgumentParser:
         "--once", action="store_true", help="process what the source holds now, then exit"
     )
     run.set_defaults(command=cmd_run)
+
+    quarantine = sub.add_parser("quarantine", help="show or re-queue rows that failed to embed")
+    qsub = quarantine.add_subparsers(required=True, metavar="ACTION")
+    qlist = qsub.add_parser("list", help="quarantined rows, newest first, with counts by reason")
+    _config_arg(qlist)
+    qlist.add_argument("--reason", help="only rows with this reason code")
+    qlist.add_argument("--limit", type=int, default=20, help="rows to show (default 20)")
+    qlist.add_argument("--json", action="store_true", help="one JSON object")
+    qlist.set_defaults(command=cmd_quarantine_list)
+    qretry = qsub.add_parser("retry", help="embed quarantined keys again from the current source")
+    _config_arg(qretry)
+    qretry.add_argument("--reason", help="only rows with this reason code")
+    qretry.set_defaults(command=cmd_quarantine_retry)
 
     demo = sub.add_parser("demo", help="write a sample source table, embed it, search it")
     _config_arg(demo)
@@ -97,6 +111,45 @@ def cmd_run(args: argparse.Namespace) -> int:
             }
         )
     )
+    return 0
+
+
+def _job(args: argparse.Namespace) -> Any:
+    from streaming.config import load_config
+    from streaming.job import Job
+
+    return Job(load_config(args.config))
+
+
+def cmd_quarantine_list(args: argparse.Namespace) -> int:
+    from streaming import quarantine
+
+    job = _job(args)
+    rows = quarantine.list_rows(job, reason=args.reason, limit=args.limit)
+    counts = quarantine.counts_by_reason(job)
+    if args.json:
+        print(json.dumps({"counts": counts, "rows": rows}, default=str))
+        return 0
+    print(f"quarantine {job.config.target.quarantine.name}: {sum(counts.values())} rows")
+    for reason, count in sorted(counts.items()):
+        print(f"  {reason:<16} {count}")
+    for row in rows:
+        value = (row["value"] or "").replace("\n", " ")
+        print(
+            f"{row['quarantined_at']:%Y-%m-%d %H:%M:%S}  {row['reason']:<14} key={row['key']} "
+            f"v{row['source_version']}  {row['message']}  [{row['value_length']} chars] "
+            f"{value[:60]!r}"
+        )
+    return 0
+
+
+def cmd_quarantine_retry(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from streaming import quarantine
+
+    report = quarantine.retry(_job(args), reason=args.reason)
+    print(json.dumps(asdict(report)))
     return 0
 
 

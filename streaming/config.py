@@ -31,6 +31,9 @@ DEFAULT_CONFIG_PATH = Path("conf/deltavec.toml")
 DEFAULT_MODEL = "default"
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SECRET_WORDS = re.compile(
+    r"(?i)secret|passw|credential|access.?key|api.?key|sas.?token|(^|[._-])token([._-]|$)"
+)
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
@@ -271,7 +274,8 @@ def describe_validation_error(exc: ValidationError) -> str:
         return f"{where}: required key is missing"
     message = str(error["msg"]).removeprefix("Value error, ")
     given = error.get("input")
-    if isinstance(given, str | int | float | bool):
+    # A mistyped credential must not end up in a terminal, a log or a CI transcript.
+    if isinstance(given, str | int | float | bool) and not _SECRET_WORDS.search(where):
         return f"{where}: {message} (got {given!r})"
     return f"{where}: {message}"
 

@@ -131,6 +131,9 @@ class Encoder:
                 revision=spec.revision,
                 trust_remote_code=spec.trust_remote_code,
                 attn_implementation="sdpa",
+                # Pickle-based .bin weights can run code when loaded; a folder
+                # that has safetensors must use them.
+                use_safetensors=True if _has_safetensors(folder) else None,
             )
         except (OSError, ValueError) as exc:
             raise ModelError(_load_failure(spec.model, exc)) from exc
@@ -142,7 +145,15 @@ class Encoder:
         self.max_tokens = self._window(st_config.get("max_seq_length"))
         self.pad_id = self.tokenizer.pad_token_id or 0
         self._uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
-        self.dim = self._probe_dim()
+        try:
+            self.dim = self._probe_dim()
+        except ModelError:
+            raise
+        except Exception as exc:  # any failure on a probe text means an unusable model
+            raise ModelError(
+                f"model {spec.model} does not produce one fixed-size vector per text: "
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+            ) from exc
 
     def _window(self, st_max: int | None) -> int:
         limits = [st_max] if st_max else []
@@ -396,6 +407,10 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.T
     if pooling.normalize:
         vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
     return vectors
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("*.safetensors"))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

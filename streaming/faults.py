@@ -8,7 +8,8 @@ Set ``DELTAVEC_TEST_FAULTS`` to a comma-separated list of ``point:action[:probab
 * actions: ``kill`` sends SIGKILL to this process (a crashed driver), ``raise``
   raises ``InjectedFault`` once per process (a failed batch).
 
-Unset, every call is a no-op. Production configs never set it.
+Unset, every call is a no-op. Production configs never set it. ``poisoned`` below
+injects a model failure for chosen rows on the workers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from __future__ import annotations
 import os
 import random
 import signal
+from collections.abc import Sequence
+from typing import Any, TypeVar, cast
+
+T = TypeVar("T")
 
 ENV = "DELTAVEC_TEST_FAULTS"
 _fired: set[str] = set()
@@ -37,3 +42,31 @@ def maybe_fail(point: str) -> None:
         elif action == "raise" and point not in _fired:
             _fired.add(point)
             raise InjectedFault(f"injected fault at {point}")
+
+
+POISON_ENV = "DELTAVEC_TEST_POISON"
+
+
+class _PoisonedEncoder:
+    """An encoder whose ``encode`` raises for any batch holding the poison marker."""
+
+    def __init__(self, encoder: Any, marker: str) -> None:
+        self._encoder = encoder
+        self._marker = marker
+        self.dim = encoder.dim
+
+    def encode(self, texts: Sequence[str]) -> Any:
+        if any(self._marker in text for text in texts):
+            raise InjectedFault(f"injected model failure on a text containing {self._marker!r}")
+        return self._encoder.encode(texts)
+
+
+def poisoned(encoder: T) -> T:
+    """``encoder`` itself, or (with ``DELTAVEC_TEST_POISON`` set) one that fails on marked texts.
+
+    Spark's Python workers see the variable through ``spark.executorEnv.*`` (or
+    ``SparkContext.environment``), so a test can make one row fail inside the
+    model and watch the batch isolate it.
+    """
+    marker = os.environ.get(POISON_ENV)
+    return cast(T, _PoisonedEncoder(encoder, marker)) if marker else encoder

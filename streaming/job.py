@@ -120,23 +120,30 @@ class Job:
         return encoder
 
     def prepare(self) -> None:
-        """Check source, model, target and checkpoint; create the target if needed."""
+        """Check source, model, target and checkpoint, then create what is missing.
+
+        Every check reads only, and all of them run before the first write, so a
+        mistake in any of them leaves every table and the checkpoint untouched.
+        """
         cfg = self.config
         spark = self.spark
         schema = source.check_source(spark, cfg.source)
+        keys = source.key_fields(schema, cfg.source.key)
         self.load_model()
-        self._check_checkpoint(spark)
+        target.check_target(spark, cfg.target, key_fields=keys, model_identity=self.model_identity)
+        target.check_quarantine(spark, cfg.target.quarantine)
+        checkpoint = Checkpoint(spark, cfg.checkpoint.location)
+        notes = self._checked_checkpoint_notes(spark, checkpoint)
+
         target.ensure_target(
-            spark,
-            cfg.target,
-            key_fields=source.key_fields(schema, cfg.source.key),
-            model_identity=self.model_identity,
-            dim=self.dim,
+            spark, cfg.target, key_fields=keys, model_identity=self.model_identity, dim=self.dim
         )
         target.ensure_quarantine(spark, cfg.target.quarantine)
+        checkpoint.write_notes(notes)
 
-    def _check_checkpoint(self, spark: SparkSession) -> None:
-        checkpoint = Checkpoint(spark, self.config.checkpoint.location)
+    def _checked_checkpoint_notes(
+        self, spark: SparkSession, checkpoint: Checkpoint
+    ) -> dict[str, Any]:
         notes = checkpoint.notes()
         source_id = str(tables.detail(spark, self.config.source).get("id", ""))
         if notes.get("source_id") and notes["source_id"] != source_id:
@@ -149,36 +156,46 @@ class Job:
                 f"checkpoint {checkpoint.location} was written with model {notes['model']}, "
                 f"not {self.model_identity}; run 'deltavec reembed' to change models"
             )
-        checkpoint.write_notes(
-            {
-                "source": self.config.source.name,
-                "source_id": source_id,
-                "target": self.config.target.name,
-                "model": self.model_identity,
-            }
-        )
+        return {
+            **notes,
+            "source": self.config.source.name,
+            "source_id": source_id,
+            "target": self.config.target.name,
+            "model": self.model_identity,
+        }
 
     # -- running ----------------------------------------------------------------------
+
+    def make_sink(self, *, mode: str, app_id: str | None = None) -> MergeSink:
+        """The foreachBatch writer for this job (after ``load_model``).
+
+        Args:
+            mode: "append" or "changes": what the batches it receives hold.
+            app_id: Delta txnAppId; None derives it from the checkpoint (the stream).
+        """
+        cfg = self.config
+        return MergeSink(
+            target=cfg.target,
+            quarantine=cfg.target.quarantine,
+            checkpoint=Checkpoint(self.spark, cfg.checkpoint.location),
+            keys=list(cfg.source.key),
+            template=cfg.source.template,
+            text_columns=cfg.source.text_columns,
+            mode=mode,
+            embed=EmbedBatches(model=cfg.model.name, spec=self.encoder_spec(for_workers=True)),
+            model_identity=self.model_identity,
+            dim=self.dim,
+            parallelism=self.spark.sparkContext.defaultParallelism,
+            on_batch=list(self._batch_listeners),
+            app_id=app_id,
+            source_columns=lambda: tables.read(self.spark, cfg.source).columns,
+        )
 
     def start(self, *, once: bool) -> StreamingQuery:
         """Start the streaming query (after ``prepare``)."""
         cfg = self.config
         spark = self.spark
-        checkpoint = Checkpoint(spark, cfg.checkpoint.location)
-        self.sink = MergeSink(
-            target=cfg.target,
-            quarantine=cfg.target.quarantine,
-            checkpoint=checkpoint,
-            keys=list(cfg.source.key),
-            template=cfg.source.template,
-            text_columns=cfg.source.text_columns,
-            mode=cfg.source.mode,
-            embed=EmbedBatches(model=cfg.model.name, spec=self.encoder_spec(for_workers=True)),
-            model_identity=self.model_identity,
-            dim=self.dim,
-            parallelism=spark.sparkContext.defaultParallelism,
-            on_batch=list(self._batch_listeners),
-        )
+        self.sink = self.make_sink(mode=cfg.source.mode)
         writer = (
             source.open_stream(spark, cfg.source)
             .writeStream.queryName(QUERY_NAME)
@@ -226,10 +243,13 @@ class Job:
             if self._stop.is_set():
                 self._stop_gracefully(query)
                 break
-            query.awaitTermination(1)
+            try:
+                query.awaitTermination(1)
+            except Exception:  # noqa: BLE001 - the same failure is read back just below
+                break
         error = query.exception()
         if error is not None and not (self._stop.is_set() and _is_stop(error)):
-            raise error
+            raise source.explain_stream_failure(error, self.config) from error
 
     def _stop_gracefully(self, query: StreamingQuery) -> None:
         assert self.sink is not None

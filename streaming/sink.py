@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -43,6 +43,7 @@ from streaming.columns import (
 )
 from streaming.config import TableRef
 from streaming.retry import retry_conflicts
+from streaming.source import check_batch_columns
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -99,6 +100,9 @@ class MergeSink:
         dim: the vector size.
         parallelism: partitions the model work is spread over (one per task slot).
         on_batch: called with each batch's report after it is written.
+        app_id: Delta txnAppId; by default derived from the checkpoint's query id.
+        source_columns: returns the source table's current columns; checked before
+            each batch so a dropped key or template column stops the job.
     """
 
     def __init__(
@@ -116,6 +120,8 @@ class MergeSink:
         dim: int,
         parallelism: int,
         on_batch: list[object] | None = None,
+        app_id: str | None = None,
+        source_columns: Callable[[], list[str]] | None = None,
     ) -> None:
         self.target = target
         self.quarantine = quarantine
@@ -132,7 +138,8 @@ class MergeSink:
         self.stopping = threading.Event()
         self.idle = threading.Event()
         self.idle.set()
-        self._app_id: str | None = None
+        self._app_id = app_id
+        self.source_columns = source_columns
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         if self.stopping.is_set():
@@ -160,6 +167,10 @@ class MergeSink:
         from pyspark import StorageLevel
         from pyspark.sql import functions as F
 
+        # Delta keeps streaming a dropped column as nulls, which would embed half
+        # texts without a word: check the source's current schema first.
+        current = self.source_columns() if self.source_columns else batch.columns
+        check_batch_columns(current, self.keys, self.text_columns)
         spark = batch.sparkSession
         report = BatchReport(batch_id=batch_id, source_version=source_version)
         clock = _Clock(report.seconds)

@@ -11,8 +11,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from streaming import tables
-from streaming.config import SourceConfig
-from streaming.errors import SourceError
+from streaming.config import DeltavecConfig, SourceConfig
+from streaming.errors import CheckpointError, DeltavecError, SchemaChangedError, SourceError
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -95,3 +95,55 @@ def open_stream(spark: SparkSession, cfg: SourceConfig) -> DataFrame:
         # are skipped (and counted by the metrics listener) instead.
         reader = reader.option("skipChangeCommits", "true")
     return tables.read_stream(reader, cfg)
+
+
+_SCHEMA_CHANGE_MARKERS = (
+    "DELTA_SCHEMA_CHANGED",
+    "DELTA_STREAMING_INCOMPATIBLE_SCHEMA_CHANGE",
+    "DELTA_STREAMING_CANNOT_CONTINUE_PROCESSING_POST_SCHEMA_EVOLUTION",
+    "DELTA_STREAMING_METADATA_EVOLUTION",
+    "SchemaChangedError",
+)
+
+
+def explain_stream_failure(error: BaseException, config: DeltavecConfig) -> BaseException:
+    """A one-line DeltavecError for stream failures a user can fix; other errors unchanged."""
+    text = str(error)
+    if "DIFFERENT_DELTA_TABLE_READ_BY_STREAMING_SOURCE" in text:
+        return CheckpointError(
+            f"checkpoint {config.checkpoint.location} was created for a different source table "
+            f"than {config.source.name}; point checkpoint.location at a new folder for this "
+            "source (the target stays correct: unchanged rows are not embedded again)"
+        )
+    if any(marker in text for marker in _SCHEMA_CHANGE_MARKERS):
+        detail = _our_message(text, "SchemaChangedError")
+        return SchemaChangedError(
+            detail
+            or f"source {config.source.name} changed its schema while the job was running; "
+            "the stream stopped before writing the affected batch. Check source.key and "
+            "source.template against the new columns, then restart"
+        )
+    for name in ("SourceError", "TargetError", "ModelError", "CheckpointError"):
+        detail = _our_message(text, name)
+        if detail:
+            return DeltavecError(detail)
+    return error
+
+
+def _our_message(text: str, name: str) -> str | None:
+    """The message of a deltavec error raised inside foreachBatch, from Spark's wrapper text."""
+    marker = f"streaming.errors.{name}: "
+    if marker not in text:
+        return None
+    return text.split(marker, 1)[1].splitlines()[0].strip()
+
+
+def check_batch_columns(columns: list[str], cfg_keys: list[str], text_columns: list[str]) -> None:
+    """Raise SchemaChangedError if a micro-batch lacks a key or template column."""
+    missing = [c for c in [*cfg_keys, *text_columns] if c not in columns]
+    if missing:
+        raise SchemaChangedError(
+            f"the source no longer has column(s) {', '.join(missing)}, which source.key or "
+            "source.template read; the stream stopped before writing this batch. Update the "
+            "config (or restore the columns) and restart"
+        )

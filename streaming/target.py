@@ -91,30 +91,29 @@ def ensure_target(
     Raises:
         TargetError: the table exists with another schema, keys or model.
     """
-    if not tables.exists(spark, ref):
-        if ref.path and tables.path_has_files(spark, ref.path):
-            raise TargetError(
-                f"target {ref.name} exists but is not a Delta table; "
-                "point target.path at an empty folder or a deltavec target"
-            )
-        _create(
-            spark,
-            ref,
-            target_schema(key_fields),
-            {
-                MODEL_PROPERTY: model_identity,
-                DIM_PROPERTY: str(dim),
-                KEYS_PROPERTY: ",".join(f.name for f in key_fields),
-            },
-        )
+    if check_target(spark, ref, key_fields=key_fields, model_identity=model_identity):
         return
-    check_target(spark, ref, key_fields=key_fields, model_identity=model_identity)
+    _create(
+        spark,
+        ref,
+        target_schema(key_fields),
+        {
+            MODEL_PROPERTY: model_identity,
+            DIM_PROPERTY: str(dim),
+            KEYS_PROPERTY: ",".join(f.name for f in key_fields),
+        },
+    )
 
 
 def check_target(
     spark: SparkSession, ref: TableRef, *, key_fields: list[StructField], model_identity: str
-) -> None:
-    """Raise TargetError unless the existing target fits these keys and this model."""
+) -> bool:
+    """Whether the target exists; raise TargetError if it exists but does not fit.
+
+    Reads only; a job calls it before it writes anything anywhere.
+    """
+    if not _exists_as_delta(spark, ref, "target"):
+        return False
     schema = tables.read(spark, ref).schema
     have = {f.name: f.dataType for f in schema.fields}
     for wanted in target_schema(key_fields).fields:
@@ -135,19 +134,36 @@ def check_target(
             f"{model_identity}; run 'deltavec reembed --model ...' to switch models, "
             "or write to a new target"
         )
+    return True
 
 
 def ensure_quarantine(spark: SparkSession, ref: TableRef) -> None:
+    if not check_quarantine(spark, ref):
+        _create(spark, ref, quarantine_schema(), {})
+
+
+def check_quarantine(spark: SparkSession, ref: TableRef) -> bool:
+    """Whether the quarantine table exists; raise TargetError if it cannot take rows."""
+    if not _exists_as_delta(spark, ref, "quarantine table"):
+        return False
+    have = set(tables.read(spark, ref).columns)
+    missing = [c for c in QUARANTINE_COLUMNS if c not in have]
+    if missing:
+        raise TargetError(
+            f"quarantine table {ref.name} has an incompatible schema: missing {', '.join(missing)}"
+        )
+    return True
+
+
+def _exists_as_delta(spark: SparkSession, ref: TableRef, role: str) -> bool:
     if tables.exists(spark, ref):
-        have = set(tables.read(spark, ref).columns)
-        missing = [c for c in QUARANTINE_COLUMNS if c not in have]
-        if missing:
-            raise TargetError(
-                f"quarantine table {ref.name} has an incompatible schema: "
-                f"missing {', '.join(missing)}"
-            )
-        return
-    _create(spark, ref, quarantine_schema(), {})
+        return True
+    if ref.path and tables.path_has_files(spark, ref.path):
+        raise TargetError(
+            f"{role} {ref.name} exists but is not a Delta table; "
+            "point it at an empty folder or a deltavec table"
+        )
+    return False
 
 
 def _create(

@@ -85,12 +85,13 @@ class EmbedBatches:
     output_names: tuple[str, ...] = ()
 
     def __call__(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from streaming.faults import poisoned
         from streaming.models import resolve_model
 
         spec = replace(
             self.spec, model=resolve_model(self.model), device=task_device(self.spec.device)
         )
-        encoder = get_encoder(spec)
+        encoder = poisoned(get_encoder(spec))
         for batch in batches:
             yield self._embed(encoder, batch)
 
