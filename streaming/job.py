@@ -132,6 +132,12 @@ class Job:
             key_fields=source.key_fields(schema, cfg.source.key),
             model_identity=self.model_identity,
             dim=self.dim,
+            consumer_properties=target.consumer_properties(
+                model_name=cfg.model.name,
+                model_revision=cfg.model.revision,
+                source=cfg.source,
+                template=cfg.source.template,
+            ),
         )
         target.ensure_quarantine(spark, cfg.target.quarantine)
 
