@@ -247,3 +247,37 @@ def test_approximate_search_recall_and_refresh(tmp_path: Path) -> None:
     index.refresh()
     assert [index.search(v, 1)[0].key["id"] for v in moved] == [7, 8, 9, 70_000, 70_001]
     assert len(index) == 20_002
+
+
+def test_searches_on_other_threads_keep_answering_while_refresh_runs(
+    five_files: tuple[Path, np.ndarray],
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, _ = five_files
+    index = VectorIndex(str(path))
+    queries = unit_vectors(50, seed=14)
+    stop = False
+
+    def keep_searching() -> int:
+        answered = 0
+        while not stop:
+            for q in queries:
+                hits = index.search(q, k=10)
+                assert len(hits) == 10 and all(np.isfinite(h.score) for h in hits)
+                answered += 1
+        return answered
+
+    with ThreadPoolExecutor(2) as pool:
+        searchers = [pool.submit(keep_searching) for _ in range(2)]
+        for round_ in range(6):  # rewrites, inserts, and a compaction along the way
+            merge(path, np.arange(round_ * 400, round_ * 400 + 50), unit_vectors(50, 20 + round_))
+            index.refresh()
+        stop = True
+        answered = [s.result() for s in searchers]
+
+    assert min(answered) > 0
+    ids, vectors = table_state(path)
+    assert [h.key["id"] for h in index.search(queries[0], 10)] == brute_force(
+        ids, vectors, queries[0], 10
+    )

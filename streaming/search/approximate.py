@@ -18,7 +18,7 @@ import numpy as np
 from streaming.errors import SearchError
 
 if TYPE_CHECKING:
-    from streaming.search.index import _Block
+    from streaming.search.delta_files import Block
 
 # FAISS warns below 39 training points per cluster; 64 gives stable centroids.
 _TRAIN_POINTS_PER_LIST = 64
@@ -54,7 +54,7 @@ class IvfIndex:
 
     @classmethod
     def train(
-        cls, blocks: Sequence[_Block], *, nlist: int | None = None, nprobe: int | None = None
+        cls, blocks: Sequence[Block], *, nlist: int | None = None, nprobe: int | None = None
     ) -> IvfIndex:
         """Cluster a sample of the rows; nothing is added yet."""
         faiss = _faiss()
@@ -78,7 +78,7 @@ class IvfIndex:
         if len(slots):
             self.index.remove_ids(np.asarray(slots, dtype=np.int64))
 
-    def rebuild(self, blocks: Sequence[_Block]) -> None:
+    def rebuild(self, blocks: Sequence[Block]) -> None:
         """Re-add every row under new slot numbers (after compaction); keeps the clusters."""
         self.index.reset()
         offset = 0
@@ -94,7 +94,7 @@ class IvfIndex:
         return scores, slots
 
 
-def _sample(blocks: Sequence[_Block], n: int) -> np.ndarray:
+def _sample(blocks: Sequence[Block], n: int) -> np.ndarray:
     """n rows drawn evenly at random across the blocks (fixed seed: reproducible clusters)."""
     rows = sum(b.matrix.shape[0] for b in blocks)
     pick = np.sort(np.random.default_rng(0).choice(rows, size=n, replace=False))

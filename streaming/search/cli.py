@@ -95,7 +95,7 @@ def _print_table(
     if not hits:
         return
     keys = index.keys
-    header = ["rank", "score", *keys, *(["text"] if with_text else [])]
+    header = ["rank", "score", *keys]
     rows = [
         [str(rank), f"{hit.score:.4f}", *(str(hit.key[k]) for k in keys)]
         for rank, hit in enumerate(hits, 1)

@@ -1,45 +1,45 @@
 """The vectors of a deltavec target in memory, kept current from the Delta log.
 
-The target is read with the ``deltalake`` (delta-rs) package, one Parquet file at
-a time, into float32 blocks: no Spark, no JVM, and no Python object per row.
-Every row remembers the data file it came from, so ``refresh`` can replay only
-the log versions committed since the last load: rows of files a commit removed
-are masked out, rows of files it added are read and appended. A MERGE that
-rewrites a file therefore costs one file, not the table.
+The target is read with the ``deltalake`` (delta-rs) package into float32
+blocks: no Spark, no JVM, and no Python object per row. Every row remembers the
+data file it came from, so ``refresh`` replays only the log versions committed
+since the last load: rows of files a commit removed are masked out, files it
+added are read and appended as a new block. A MERGE that rewrites one file
+therefore costs one file, not the table.
 
 Scores are inner products; the job writes L2-normalised vectors for models that
 normalise (the default does), so the score is the cosine similarity.
+
+Searches may run on many threads while one thread refreshes: a refresh builds
+the next state aside and swaps it in with one assignment.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from streaming.columns import EMBEDDING, MODEL
 from streaming.errors import TargetError
-from streaming.target import KEYS_PROPERTY, MODEL_PROPERTY
+from streaming.search import delta_files
+from streaming.search.delta_files import Block, FileRows
+from streaming.target import DIM_PROPERTY, KEYS_PROPERTY, MODEL_PROPERTY
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    import pyarrow.dataset as pads
-    from deltalake import DeltaTable
 
     from streaming.search.approximate import IvfIndex
 
 log = logging.getLogger(__name__)
 
-# pyarrow's virtual column naming the file each scanned row came from.
-_FILENAME = "__filename"
-# Rows per record batch while loading: bounds the Arrow memory next to the matrix.
-_BATCH_ROWS = 65_536
 # Masked-out rows cost a multiply each per query; past this share they are dropped.
 _COMPACT_AT = 0.25
-# A refresh appends a block per commit batch; merge them before queries pay for many.
+# Each refresh that adds rows adds a block; merge them before queries pay for many.
 _MAX_BLOCKS = 16
 
 
@@ -71,7 +71,7 @@ class RefreshReport:
         files_removed: data files whose rows were masked out.
         rows_added: rows read from the added files.
         rows_removed: rows masked out.
-        full_reload: True when the table was replaced and read again whole.
+        full_reload: True when the path held a new table and was read whole.
         seconds: wall time of the refresh.
     """
 
@@ -85,22 +85,30 @@ class RefreshReport:
     seconds: float = 0.0
 
 
-@dataclass
-class _Block:
-    """Rows loaded together: a contiguous matrix and their keys, in the same order."""
+@dataclass(frozen=True)
+class _State:
+    """One table version in memory. Never changed once built: a refresh builds another.
 
-    matrix: np.ndarray
-    keys: pa.Table
-    files: np.ndarray  # int32 file id per row
+    Slots number the rows of all blocks in order; ``live[slot]`` is False for
+    rows of files that a later commit removed.
+    """
 
+    version: int
+    blocks: tuple[Block, ...]
+    live: np.ndarray
+    dead: int
+    file_ids: dict[str, int]
 
-@dataclass
-class _Loaded:
-    """Rows read from some data files, not yet part of the index."""
+    @property
+    def slots(self) -> int:
+        return int(self.live.shape[0])
 
-    block: _Block
-    file_ids: dict[str, int] = field(default_factory=dict)
-    models: set[str] = field(default_factory=set)
+    def keys(self) -> pa.Table:
+        import pyarrow as pa
+
+        if len(self.blocks) == 1:
+            return self.blocks[0].keys
+        return pa.concat_tables([b.keys for b in self.blocks])
 
 
 class VectorIndex:
@@ -124,16 +132,15 @@ class VectorIndex:
         version: int | None = None,
     ) -> None:
         self.path = path
-        self._storage_options = storage_options
-        self.table = _open(path, storage_options, version)
-        self._blocks: list[_Block] = []
-        self._live = np.zeros(0, dtype=bool)
-        self._dead = 0
-        self._file_ids: dict[str, int] = {}
+        self.table = delta_files.open_table(path, storage_options, version)
         self._next_file_id = 0
-        self._key_slots: pa.Table | None = None
         self._approximate: IvfIndex | None = None
-        self._load_all()
+        self._key_slots: tuple[_State, pa.Table] | None = None
+        # One refresh at a time; FAISS's index is changed in place, so its
+        # searches wait for a refresh too (exact searches never wait).
+        self._refreshing = threading.Lock()
+        self._ann_lock = threading.Lock()
+        self._state = self._load_all()
 
     # -- the table --------------------------------------------------------------------
 
@@ -152,131 +159,67 @@ class VectorIndex:
 
     @property
     def version(self) -> int:
-        return int(self.table.version())
+        """The table version the index answers from."""
+        return self._state.version
 
     @property
     def dim(self) -> int:
-        return int(self._blocks[0].matrix.shape[1]) if self._blocks else 0
+        blocks = self._state.blocks
+        return int(blocks[0].matrix.shape[1]) if blocks else 0
 
     def __len__(self) -> int:
         """Rows in the table (masked-out rows of removed files do not count)."""
-        return self.slots - self._dead
+        return self._state.slots - self._state.dead
 
     @property
     def slots(self) -> int:
         """Rows held in memory, including masked-out ones awaiting compaction."""
-        return int(self._live.shape[0])
-
-    def _dataset(self) -> pads.Dataset:
-        import pyarrow.dataset as pads
-        from deltalake.exceptions import DeltaProtocolError
-
-        try:
-            return self.table.to_pyarrow_dataset(
-                # Parquet stores the model column dictionary-encoded: reading it so
-                # makes the one-model check a look at a few dictionary entries.
-                parquet_read_options=pads.ParquetReadOptions(dictionary_columns={MODEL}),
-            )
-        except DeltaProtocolError:
-            raise TargetError(_unreadable_features(self.path, self.table)) from None
+        return self._state.slots
 
     # -- loading ----------------------------------------------------------------------
 
-    def _load_all(self) -> None:
+    def _load_all(self) -> _State:
         keys = self.keys
         if not keys:
             raise TargetError(
                 f"{self.path} is not a deltavec target (no {KEYS_PROPERTY} table property)"
             )
-        missing = [c for c in (*keys, EMBEDDING, MODEL) if c not in self._schema_names()]
+        names = [f.name for f in self.table.schema().fields]
+        missing = [c for c in (*keys, EMBEDDING, MODEL) if c not in names]
         if missing:
             raise TargetError(f"target {self.path} lacks column(s) {', '.join(missing)}")
-        dataset = self._dataset()
-        loaded = self._read(dataset, dataset.count_rows())
-        self._check_models(loaded.models)
-        self._blocks = [loaded.block] if len(loaded.block.keys) else []
-        self._live = np.ones(len(loaded.block.keys), dtype=bool)
-        self._dead = 0
-        self._file_ids = loaded.file_ids
-        self._key_slots = None
+        loaded = self._read(delta_files.dataset(self.table, self.path))
+        state = _State(
+            version=int(self.table.version()),
+            blocks=(loaded.block,) if len(loaded.block) else (),
+            live=np.ones(len(loaded.block), dtype=bool),
+            dead=0,
+            file_ids=loaded.file_ids,
+        )
         if self._approximate is not None:
-            self._approximate.rebuild(self._blocks)
-        log.info("loaded %d vectors from %s version %d", len(self), self.path, self.version)
+            with self._ann_lock:
+                self._approximate.rebuild(state.blocks)
+        log.info("loaded %d vectors from %s version %d", state.slots, self.path, state.version)
+        return state
 
-    def _schema_names(self) -> list[str]:
-        return [f.name for f in self.table.schema().fields]
-
-    def _read(self, dataset: pads.Dataset, rows: int) -> _Loaded:
-        """Read keys, vectors and models of ``dataset`` into one block."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        keys = self.keys
-        dim = int(self.properties.get("deltavec.dim", "0") or 0)
-        matrix: np.ndarray | None = None
-        key_batches: list[pa.RecordBatch] = []
-        file_parts: list[np.ndarray] = []
-        file_ids: dict[str, int] = {}
-        models: set[str] = set()
-        filled = 0
-        scanner = dataset.scanner(
-            columns=[*keys, EMBEDDING, MODEL, _FILENAME], batch_size=_BATCH_ROWS
+    def _read(self, data: Any) -> FileRows:
+        """Read files and check they hold the table's model only."""
+        loaded = delta_files.read_files(
+            data,
+            keys=self.keys,
+            dim=int(self.properties.get(DIM_PROPERTY, "0") or 0),
+            path=self.path,
+            first_file_id=self._next_file_id,
         )
-        for batch in scanner.to_batches():
-            n = batch.num_rows
-            if n == 0:
-                continue
-            vectors = _as_matrix(batch.column(EMBEDDING), self.path)
-            if matrix is None:
-                dim = dim or vectors.shape[1]
-                # Preallocated from the row count in the file footers, so the
-                # table is never held twice (Arrow lists and the matrix).
-                matrix = np.empty((max(rows, n), dim), dtype=np.float32)
-            if vectors.shape[1] != dim:
-                raise TargetError(
-                    f"target {self.path} holds {vectors.shape[1]}-dimensional vectors "
-                    f"next to {dim}-dimensional ones"
-                )
-            if filled + n > matrix.shape[0]:  # a file changed size since the count
-                matrix = np.concatenate([matrix, np.empty((filled + n, dim), np.float32)])
-            matrix[filled : filled + n] = vectors
-            filled += n
-            models.update(_distinct_strings(batch.column(MODEL)))
-            key_batches.append(batch.select(keys))
-            names = pc.dictionary_encode(batch.column(_FILENAME))
-            ids = np.array(
-                [
-                    file_ids.setdefault(name, self._next_file_id + len(file_ids))
-                    for name in names.dictionary.to_pylist()
-                ],
-                dtype=np.int32,
-            )
-            file_parts.append(ids[names.indices.to_numpy(zero_copy_only=False)])
-        if matrix is None:
-            matrix = np.zeros((0, dim), dtype=np.float32)
-        key_schema = pa.schema([dataset.schema.field(k) for k in keys])
-        block = _Block(
-            matrix=matrix[:filled] if filled < matrix.shape[0] else matrix,
-            keys=pa.Table.from_batches(key_batches, schema=key_schema),
-            files=np.concatenate(file_parts) if file_parts else np.zeros(0, np.int32),
-        )
-        # Files without rows still count as known, so a later remove finds them.
-        for fragment in dataset.get_fragments():
-            file_ids.setdefault(fragment.path, self._next_file_id + len(file_ids))
-        self._next_file_id += len(file_ids)
-        return _Loaded(block, file_ids, models)
-
-    def _check_models(self, seen: set[str]) -> None:
-        models = set(seen)
-        expected = self.model_identity
-        if expected:
-            models.add(expected)
+        self._next_file_id += len(loaded.file_ids)
+        models = loaded.models | ({self.model_identity} if self.model_identity else set())
         if len(models) > 1:
             raise TargetError(
                 f"target {self.path} mixes vectors of {len(models)} models "
                 f"({', '.join(sorted(models))}); queries against it would compare "
                 "incomparable vectors"
             )
+        return loaded
 
     # -- refresh ----------------------------------------------------------------------
 
@@ -284,121 +227,96 @@ class VectorIndex:
         """Catch up with the commits made since the last load, reading only what they added.
 
         Each new log version's ``remove`` actions mask rows out and its ``add``
-        actions are read, so a MERGE that rewrote two files costs two files. The
-        index is unchanged if anything fails (a model switch, an unreadable file).
+        actions are read, so a MERGE that rewrote two files costs two files. If
+        anything fails (a model switch, an unreadable feature or file) the index
+        keeps answering from the version it had.
 
         Raises:
-            TargetError: the new versions hold another model's vectors or a
-                table feature this reader cannot read.
+            TargetError: the new versions hold another model's vectors, use a
+                table feature this reader cannot read, or cannot be read.
         """
-        started = time.perf_counter()
-        before = self.version
-        table_id = self.table.metadata().id
-        identity = self.model_identity
-        self.table.update_incremental()
-        after = self.version
-        if after == before:
-            return RefreshReport(before, after, seconds=time.perf_counter() - started)
-        try:
-            if self.table.metadata().id != table_id:
-                # The path now holds another table (dropped and recreated).
-                self._load_all()
-                return RefreshReport(
-                    before,
-                    after,
-                    rows_added=len(self),
-                    full_reload=True,
-                    seconds=time.perf_counter() - started,
-                )
-            if self.model_identity != identity:
+        from deltalake.exceptions import DeltaError
+
+        with self._refreshing:
+            started = time.perf_counter()
+            state = self._state
+            table_id = self.table.metadata().id
+            identity = self.model_identity
+            try:
+                self.table.update_incremental()
+            except DeltaError as exc:
                 raise TargetError(
-                    f"target {self.path} switched models at version {after} "
-                    f"({identity} -> {self.model_identity}); open it again with the new model"
-                )
-            report = self._apply_new_files(before, after)
-        except BaseException:
-            self.table.load_as_version(before)
-            raise
-        return replace(report, seconds=time.perf_counter() - started)
+                    f"target {self.path} cannot be refreshed from version {state.version}: "
+                    f"{delta_files.first_line(exc)}"
+                ) from None
+            after = int(self.table.version())
+            if after == state.version:
+                return RefreshReport(after, after, seconds=time.perf_counter() - started)
+            try:
+                if self.table.metadata().id != table_id:
+                    # The path now holds another table (dropped and created again).
+                    new = self._load_all()
+                    report = RefreshReport(
+                        state.version, after, rows_added=new.slots, full_reload=True
+                    )
+                else:
+                    if self.model_identity != identity:
+                        raise TargetError(
+                            f"target {self.path} switched models at version {after} "
+                            f"({identity} -> {self.model_identity}); open it again"
+                        )
+                    new, report = self._apply_commits(state, after)
+            except BaseException:
+                self.table.load_as_version(state.version)
+                raise
+            self._state = new
+            return replace(report, seconds=time.perf_counter() - started)
 
-    def _apply_new_files(self, before: int, after: int) -> RefreshReport:
-        import pyarrow.dataset as pads
+    def _apply_commits(self, state: _State, after: int) -> tuple[_State, RefreshReport]:
+        data = delta_files.dataset(self.table, self.path)
+        fragments = {fragment.path: fragment for fragment in data.get_fragments()}
+        removed = [path for path in state.file_ids if path not in fragments]
+        added = [f for path, f in fragments.items() if path not in state.file_ids]
+        loaded = self._read(delta_files.subset(data, added))
 
-        dataset = self._dataset()
-        fragments = {fragment.path: fragment for fragment in dataset.get_fragments()}
-        removed = [path for path in self._file_ids if path not in fragments]
-        added = [fragment for path, fragment in fragments.items() if path not in self._file_ids]
-        subset = pads.FileSystemDataset(added, dataset.schema, dataset.format, dataset.filesystem)
-        loaded = self._read(subset, subset.count_rows() if added else 0)
-        self._check_models(loaded.models)
-
-        # Nothing below can fail on the table's content: apply it all.
-        removed_ids = np.array([self._file_ids.pop(path) for path in removed], dtype=np.int32)
-        rows_removed = 0
+        # Nothing below depends on the table's content: it cannot fail half way.
+        file_ids = {p: i for p, i in state.file_ids.items() if p in fragments}
+        file_ids.update(loaded.file_ids)
+        live = state.live.copy()
+        removed_ids = np.array([state.file_ids[path] for path in removed], dtype=np.int32)
         if removed_ids.size:
-            offset = 0
-            for block in self._blocks:
-                hit = np.isin(block.files, removed_ids)
-                span = self._live[offset : offset + len(block.files)]
-                newly = hit & span
-                rows_removed += int(newly.sum())
-                span[hit] = False
-                offset += len(block.files)
-            self._dead += rows_removed
-        first_new = self.slots
-        if len(loaded.block.keys):
-            self._blocks.append(loaded.block)
-            self._live = np.concatenate([self._live, np.ones(len(loaded.block.keys), bool)])
-        self._file_ids.update(loaded.file_ids)
-        self._key_slots = None
+            live[np.isin(np.concatenate([b.files for b in state.blocks]), removed_ids)] = False
+        rows_removed = int(state.live.sum() - live.sum())
+        blocks = state.blocks + ((loaded.block,) if len(loaded.block) else ())
+        live = np.concatenate([live, np.ones(len(loaded.block), dtype=bool)])
+        new = _State(after, blocks, live, state.dead + rows_removed, file_ids)
+        compacted = _compact(new) if _needs_compaction(new) else None
         if self._approximate is not None:
-            dead = np.flatnonzero(~self._live[:first_new]) if rows_removed else np.zeros(0)
-            self._approximate.remove(dead)
-            self._approximate.add(loaded.block.matrix, first_new)
-        self._maybe_compact()
+            with self._ann_lock:
+                if compacted is not None:
+                    self._approximate.rebuild(compacted.blocks)
+                else:
+                    self._approximate.remove(np.flatnonzero(state.live & ~live[: state.slots]))
+                    self._approximate.add(loaded.block.matrix, state.slots)
         log.info(
             "refreshed %s from version %d to %d: +%d files (%d rows), -%d files (%d rows)",
             self.path,
-            before,
+            state.version,
             after,
             len(added),
-            len(loaded.block.keys),
+            len(loaded.block),
             len(removed),
             rows_removed,
         )
-        return RefreshReport(
-            before,
+        report = RefreshReport(
+            state.version,
             after,
             files_added=len(added),
             files_removed=len(removed),
-            rows_added=len(loaded.block.keys),
+            rows_added=len(loaded.block),
             rows_removed=rows_removed,
         )
-
-    def _maybe_compact(self) -> None:
-        if not (self._dead > _COMPACT_AT * max(self.slots, 1) or len(self._blocks) > _MAX_BLOCKS):
-            return
-        import pyarrow as pa
-
-        matrices, keys, files = [], [], []
-        offset = 0
-        for block in self._blocks:
-            live = self._live[offset : offset + len(block.files)]
-            offset += len(block.files)
-            matrices.append(block.matrix[live])
-            keys.append(block.keys.filter(pa.array(live)))
-            files.append(block.files[live])
-        merged = _Block(
-            matrix=np.concatenate(matrices),
-            keys=pa.concat_tables(keys).combine_chunks(),
-            files=np.concatenate(files),
-        )
-        self._blocks = [merged] if len(merged.files) else []
-        self._live = np.ones(len(merged.files), dtype=bool)
-        self._dead = 0
-        self._key_slots = None
-        if self._approximate is not None:
-            self._approximate.rebuild(self._blocks)
+        return compacted or new, report
 
     # -- search -----------------------------------------------------------------------
 
@@ -411,14 +329,18 @@ class VectorIndex:
         """
         from streaming.search.approximate import IvfIndex
 
-        self._approximate = IvfIndex.train(self._blocks, nlist=nlist, nprobe=nprobe)
-        offset = 0
-        for block in self._blocks:
-            self._approximate.add(block.matrix, offset)
-            offset += len(block.files)
-        dead = np.flatnonzero(~self._live)
-        if dead.size:
-            self._approximate.remove(dead)
+        with self._refreshing:
+            state = self._state
+            index = IvfIndex.train(state.blocks, nlist=nlist, nprobe=nprobe)
+            index.rebuild(state.blocks)
+            index.remove(np.flatnonzero(~state.live))
+            with self._ann_lock:
+                self._approximate = index
+
+    def use_exact(self) -> None:
+        """Drop the approximate index (and its copy of the vectors)."""
+        with self._ann_lock:
+            self._approximate = None
 
     @property
     def approximate(self) -> bool:
@@ -426,21 +348,16 @@ class VectorIndex:
 
     def scores(self, query: np.ndarray) -> np.ndarray:
         """Inner products of one query with every slot; masked-out slots get -inf."""
+        return _scores(self._state, self._vector(query))
+
+    def _vector(self, query: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
         if self.dim and q.shape[0] != self.dim:
             raise TargetError(
                 f"the query vector has {q.shape[0]} dimensions; target {self.path} holds "
                 f"{self.dim}-dimensional vectors"
             )
-        out = np.empty(self.slots, dtype=np.float32)
-        offset = 0
-        for block in self._blocks:
-            end = offset + block.matrix.shape[0]
-            np.matmul(block.matrix, q, out=out[offset:end])
-            offset = end
-        if self._dead:
-            out[~self._live] = -np.inf
-        return out
+        return q
 
     def search(
         self,
@@ -456,57 +373,81 @@ class VectorIndex:
             query: a vector of the table's dimension, from the table's model.
             k: how many hits at most.
             rows: only these slots compete (from ``slots_of``, for filters).
-            exact: force exact search even when an approximate index is set up;
+            exact: True forces exact search when an approximate index is set up;
                 filtered queries are always exact.
         """
-        if k <= 0 or len(self) == 0:
+        q = self._vector(query)
+        if k <= 0:
             return []
-        use_ann = self._approximate is not None and rows is None and exact is not True
-        if use_ann:
-            assert self._approximate is not None
-            q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
-            found, slots = self._approximate.search(q, k)
-            keep = slots[0] >= 0
-            return self._hits(slots[0][keep], found[0][keep])
-        scores = self.scores(query)
+        if self._approximate is not None and rows is None and exact is not True:
+            with self._ann_lock:
+                state = self._state
+                approximate = self._approximate
+                if approximate is not None:
+                    found, slots = approximate.search(q.reshape(1, -1), k)
+                    keep = slots[0] >= 0
+                    return _hits(state, slots[0][keep], found[0][keep])
+        state = self._state
+        if state.slots == state.dead:
+            return []
+        scores = _scores(state, q)
         if rows is not None:
             scores = scores[rows]
         top = _top_k(scores, k)
-        slots = rows[top] if rows is not None else top
-        return self._hits(slots, scores[top])
+        return _hits(state, rows[top] if rows is not None else top, scores[top])
 
-    def _hits(self, slots: np.ndarray, scores: np.ndarray) -> list[Hit]:
-        keys = self.keys_at(slots).to_pylist()
-        return [Hit(key=key, score=float(s)) for key, s in zip(keys, scores, strict=True)]
+    def rows(self) -> tuple[pa.Table, np.ndarray]:
+        """Every row the table holds now: (key columns, (n, dim) vectors), in slot order.
 
-    def keys_at(self, slots: np.ndarray) -> pa.Table:
-        """The key columns of the given slots, in that order."""
-        import pyarrow as pa
-
-        if not self._blocks:
-            return pa.table({k: pa.array([]) for k in self.keys})
-        table = self._all_keys()
-        return table.take(pa.array(np.asarray(slots, dtype=np.int64)))
-
-    def _all_keys(self) -> pa.Table:
-        import pyarrow as pa
-
-        if len(self._blocks) == 1:
-            return self._blocks[0].keys
-        return pa.concat_tables([b.keys for b in self._blocks])
+        A copy, for exports and cross-checks; queries should use ``search``.
+        """
+        state = self._state
+        parts, offset = [], 0
+        for block in state.blocks:
+            parts.append(block.matrix[state.live[offset : offset + len(block)]])
+            offset += len(block)
+        vectors = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+        return _keys_at(state, np.flatnonzero(state.live)), vectors
 
     def slots_of(self, keys: pa.Table) -> np.ndarray:
-        """The live slots whose keys appear in ``keys`` (a table of the key columns), sorted."""
+        """The live slots whose keys appear in ``keys`` (a table of the key columns), sorted.
+
+        Slots belong to the version the index holds now: pass them to ``search``
+        before the next ``refresh``.
+        """
         import pyarrow as pa
 
-        if self._key_slots is None:
-            table = self._all_keys()
-            self._key_slots = table.append_column(
-                "__slot", pa.array(np.arange(self.slots, dtype=np.int64))
-            ).filter(pa.array(self._live))
+        state = self._state
+        cached = self._key_slots
+        if cached is None or cached[0] is not state:
+            slots = pa.array(np.arange(state.slots, dtype=np.int64))
+            table = state.keys().append_column("__slot", slots).filter(pa.array(state.live))
+            cached = self._key_slots = (state, table)
         wanted = keys.select(self.keys).group_by(self.keys).aggregate([])
-        joined = self._key_slots.join(wanted, keys=self.keys, join_type="inner")
+        joined = cached[1].join(wanted, keys=self.keys, join_type="inner")
         return np.sort(joined.column("__slot").to_numpy())
+
+
+def _scores(state: _State, q: np.ndarray) -> np.ndarray:
+    out = np.empty(state.slots, dtype=np.float32)
+    offset = 0
+    for block in state.blocks:
+        np.matmul(block.matrix, q, out=out[offset : offset + len(block)])
+        offset += len(block)
+    if state.dead:
+        out[~state.live] = -np.inf
+    return out
+
+
+def _hits(state: _State, slots: np.ndarray, scores: np.ndarray) -> list[Hit]:
+    keys = _keys_at(state, slots).to_pylist()
+    return [Hit(key=key, score=float(s)) for key, s in zip(keys, scores, strict=True)]
+
+
+def _keys_at(state: _State, slots: np.ndarray) -> pa.Table:
+    import pyarrow as pa
+
+    return state.keys().take(pa.array(np.asarray(slots, dtype=np.int64)))
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -520,56 +461,26 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return top[np.lexsort((top, -scores[top]))]
 
 
-def _open(path: str, storage_options: dict[str, str] | None, version: int | None) -> DeltaTable:
-    from deltalake import DeltaTable
-    from deltalake.exceptions import DeltaError, TableNotFoundError
-
-    try:
-        return DeltaTable(path, version=version, storage_options=storage_options)
-    except TableNotFoundError:
-        raise TargetError(f"target {path} is not a Delta table (no _delta_log there)") from None
-    except DeltaError as exc:
-        raise TargetError(f"target {path} cannot be opened: {_first_line(exc)}") from None
+def _needs_compaction(state: _State) -> bool:
+    return state.dead > _COMPACT_AT * max(state.slots, 1) or len(state.blocks) > _MAX_BLOCKS
 
 
-def _unreadable_features(path: str, table: DeltaTable) -> str:
-    from deltalake.table import SUPPORTED_READER_FEATURES
+def _compact(state: _State) -> _State:
+    """The same rows without the masked-out ones, in one block."""
+    import pyarrow as pa
 
-    protocol = table.protocol()
-    features = sorted(set(protocol.reader_features or []) - set(SUPPORTED_READER_FEATURES))
-    named = ", ".join(features) or f"reader version {protocol.min_reader_version}"
-    return (
-        f"target {path} uses the Delta table feature(s) {named}, which the deltalake "
-        "reader cannot read; write the target without them (deltavec keeps them off)"
+    matrices, keys, files = [], [], []
+    offset = 0
+    for block in state.blocks:
+        live = state.live[offset : offset + len(block)]
+        offset += len(block)
+        matrices.append(block.matrix[live])
+        keys.append(block.keys.filter(pa.array(live)))
+        files.append(block.files[live])
+    merged = Block(
+        matrix=np.concatenate(matrices),
+        keys=pa.concat_tables(keys).combine_chunks(),
+        files=np.concatenate(files),
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _distinct_strings(column: pa.Array | pa.ChunkedArray) -> set[str]:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if isinstance(column, pa.DictionaryArray):
-        used = pc.unique(column.indices)
-        return {str(v) for v in column.dictionary.take(used).to_pylist() if v is not None}
-    return {str(v) for v in pc.unique(column).to_pylist() if v is not None}
-
-
-def _as_matrix(column: pa.Array | pa.ChunkedArray, path: str) -> np.ndarray:
-    """An (n, dim) float32 view of a list<float> column, with no per-row objects."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    n = len(column)
-    lengths = pc.list_value_length(column)
-    low, high = pc.min_max(lengths).values()
-    if column.null_count or low.as_py() != high.as_py():
-        raise TargetError(f"target {path} holds vectors of different lengths (or null vectors)")
-    values = np.asarray(pc.list_flatten(column).to_numpy(zero_copy_only=False), np.float32)
-    return values.reshape(n, int(high.as_py() or 0))
+    blocks = (merged,) if len(merged) else ()
+    return _State(state.version, blocks, np.ones(len(merged), dtype=bool), 0, state.file_ids)

@@ -129,7 +129,7 @@ class SemanticSearch:
         out = []
         for hit in hits:
             row = found.get(tuple(hit.key[k] for k in keys))
-            source = {c: row.get(c) for c in columns} if row is not None else None
+            source = {c: row.get(c) for c in columns} if row is not None and columns else None
             text = render(self.template or "", row) if with_text and row is not None else None
             out.append(Hit(key=hit.key, score=hit.score, source=source, text=text))
         return out
