@@ -225,7 +225,6 @@ def test_a_model_with_other_weights_than_the_targets_is_refused(tmp_path: Path) 
 
 
 def test_approximate_search_recall_and_refresh(tmp_path: Path) -> None:
-    pytest.importorskip("faiss", reason="faiss-cpu is a dev dependency; install '.[dev]'")
     # Clustered vectors, like real embeddings (uniform random ones have no neighbours).
     rng = np.random.default_rng(9)
     centres = unit_vectors(64, seed=10)

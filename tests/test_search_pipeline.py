@@ -21,6 +21,7 @@ import pytest
 from streaming.config import load_config
 from streaming.job import Job
 from streaming.search import VectorIndex, open_search
+from streaming.search.source_table import matching_keys
 from tests.conftest import read_target, write_config, write_rows
 
 pytestmark = pytest.mark.slow
@@ -52,6 +53,12 @@ def sts_target(
         ids.setdefault(s2, len(ids))
     rows = [{"id": i, "sentence": s, "year": year_of(i)} for s, i in ids.items()]
     write_rows(spark, root / "source", rows, schema="id long, sentence string, year int")
+    # A source may use deletion vectors (Databricks turns them on by default);
+    # the consumer reads it through delta-rs's scan, which must apply them.
+    spark.sql(
+        f"ALTER TABLE delta.`{root / 'source'}` "
+        "SET TBLPROPERTIES ('delta.enableDeletionVectors' = 'true')"
+    )
     config = write_config(root, source={"template": "{sentence}", "mode": "changes"})
     summary = Job(load_config(config), spark).run(once=True)
     assert summary.embedded == len(rows)
@@ -153,6 +160,8 @@ def test_cli_bad_filter_is_one_line_naming_the_column(sts_target: StsTarget) -> 
 def test_spark_deltalake_and_duckdb_read_the_same_keys_and_vectors_across_a_merge(
     spark: Any, sts_target: StsTarget
 ) -> None:
+    from deltalake import DeltaTable
+
     index = VectorIndex(sts_target.target)
     _assert_three_readers_agree(spark, sts_target.target, index)
 
@@ -170,6 +179,12 @@ def test_spark_deltalake_and_duckdb_read_the_same_keys_and_vectors_across_a_merg
     keys, _ = index.rows()
     assert len(index) == len(sts_target.texts) - 10
     assert not set(range(100, 110)) & set(keys.column("id").to_pylist())
+
+    # The DELETE left deletion vectors in the source; the filter path honours them.
+    deletion_vectors = list(DeltaTable(str(source)).deletion_vectors())
+    assert sum(batch.num_rows for batch in deletion_vectors) >= 1
+    kept = matching_keys(DeltaTable(str(source)), ["id"], "id >= 95 AND id < 115")
+    assert sorted(kept.column("id").to_pylist()) == [*range(95, 100), *range(110, 115)]
 
 
 def _assert_three_readers_agree(spark: Any, path: str, index: VectorIndex) -> None:

@@ -1,8 +1,8 @@
 """The source table as a search consumer reads it: filters and the columns of the hits.
 
 Both go through ``DeltaTable.scan``, delta-rs's own DataFusion reader: it prunes
-files by their statistics, and it reads the table features a source may use
-(deletion vectors, column mapping) that the pyarrow dataset path refuses.
+files by their statistics, and it applies deletion vectors (which Databricks
+enables on new tables by default), where the pyarrow dataset path refuses them.
 
 Filters are DataFusion SQL predicates (``year >= 2020 AND field = 'biology'``),
 parsed as one expression and evaluated by the engine over the source table alone:
