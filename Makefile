@@ -12,7 +12,7 @@ DELTA_VERSION := $(shell sed -n 's/.*"delta-spark==\([0-9.]*\)".*/\1/p' pyprojec
 DELTA_JAR := $(HOME)/.m2/repository/io/delta/delta-spark_2.13/$(DELTA_VERSION)/delta-spark_2.13-$(DELTA_VERSION).jar
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench lint typecheck setup jars clean
+.PHONY: demo test test-fast bench bench-search lint typecheck setup jars clean
 
 setup: $(STAMP) jars
 
@@ -44,6 +44,9 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/throughput.py
+
+bench-search: setup
+	$(BIN)/python benchmarks/search.py
 
 lint: setup
 	$(BIN)/ruff check streaming tests benchmarks

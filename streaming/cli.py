@@ -70,6 +70,37 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(demo)
     demo.add_argument("--query", default=None, help="text to search the demo target for")
     demo.set_defaults(command=cmd_demo)
+
+    search = sub.add_parser(
+        "search",
+        help="nearest target rows to a text, without Spark",
+        description="Embed TEXT with the target's own model and print the nearest rows. "
+        "The target names its model, source and template; --config or the flags "
+        "below stand in for a target that does not.",
+    )
+    search.add_argument("text", help="what to search for")
+    search.add_argument("-k", type=int, default=10, help="hits to show (default 10)")
+    search.add_argument("--table", help="target table path (default: target.path of --config)")
+    search.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help="TOML config naming the target and source "
+        "(default without --table: $DELTAVEC_CONFIG or conf/deltavec.toml)",
+    )
+    search.add_argument("--source", help="source table path, for --where and the text column")
+    search.add_argument("--where", help='SQL filter on source columns, e.g. "year >= 2020"')
+    search.add_argument("--model", help="load this model copy (its weights must match)")
+    search.add_argument(
+        "-o",
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="deltalake storage option for cloud paths (repeatable)",
+    )
+    search.add_argument("--json", action="store_true", help="print one JSON object")
+    search.set_defaults(command=cmd_search)
     return parser
 
 
@@ -158,6 +189,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(config_path=args.config, query=args.query)
     return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from streaming.search.cli import run_search
+
+    return run_search(args)
 
 
 if __name__ == "__main__":

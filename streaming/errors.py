@@ -34,3 +34,7 @@ class CheckpointError(DeltavecError):
 
 class SchemaChangedError(DeltavecError):
     """The source schema changed under a running job."""
+
+
+class SearchError(DeltavecError):
+    """A search cannot be answered: a bad filter, a missing source, an optional library."""

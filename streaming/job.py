@@ -136,7 +136,17 @@ class Job:
         notes = self._checked_checkpoint_notes(spark, checkpoint)
 
         target.ensure_target(
-            spark, cfg.target, key_fields=keys, model_identity=self.model_identity, dim=self.dim
+            spark,
+            cfg.target,
+            key_fields=keys,
+            model_identity=self.model_identity,
+            dim=self.dim,
+            consumer_properties=target.consumer_properties(
+                model_name=cfg.model.name,
+                model_revision=cfg.model.revision,
+                source=cfg.source,
+                template=cfg.source.template,
+            ),
         )
         target.ensure_quarantine(spark, cfg.target.quarantine)
         checkpoint.write_notes(notes)

@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 MODEL_PROPERTY = "deltavec.model"
 DIM_PROPERTY = "deltavec.dim"
 KEYS_PROPERTY = "deltavec.keys"
+# What a search consumer needs to query the target without the job's config:
+# the model to load (checked against deltavec.model), the source and its template.
+MODEL_NAME_PROPERTY = "deltavec.model_name"
+MODEL_REVISION_PROPERTY = "deltavec.model_revision"
+SOURCE_PROPERTY = "deltavec.source"
+TEMPLATE_PROPERTY = "deltavec.template"
 
 QUARANTINE_COLUMNS = (
     "key",
@@ -85,8 +91,13 @@ def ensure_target(
     key_fields: list[StructField],
     model_identity: str,
     dim: int,
+    consumer_properties: dict[str, str] | None = None,
 ) -> None:
     """Create the target if it is missing; refuse one this job cannot write.
+
+    Args:
+        consumer_properties: more table properties for a new target, from
+            ``consumer_properties()``.
 
     Raises:
         TargetError: the table exists with another schema, keys or model.
@@ -101,8 +112,22 @@ def ensure_target(
             MODEL_PROPERTY: model_identity,
             DIM_PROPERTY: str(dim),
             KEYS_PROPERTY: ",".join(f.name for f in key_fields),
+            **(consumer_properties or {}),
         },
     )
+
+
+def consumer_properties(
+    *, model_name: str, model_revision: str | None, source: TableRef, template: str
+) -> dict[str, str]:
+    """Table properties that let ``deltavec search`` load the model and the source by itself."""
+    properties = {MODEL_NAME_PROPERTY: model_name, TEMPLATE_PROPERTY: template}
+    if model_revision:
+        properties[MODEL_REVISION_PROPERTY] = model_revision
+    # A catalog name means nothing to a reader without the catalog.
+    if source.path:
+        properties[SOURCE_PROPERTY] = source.path
+    return properties
 
 
 def check_target(
