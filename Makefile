@@ -12,7 +12,7 @@ DELTA_VERSION := $(shell sed -n 's/.*"delta-spark==\([0-9.]*\)".*/\1/p' pyprojec
 DELTA_JAR := $(HOME)/.m2/repository/io/delta/delta-spark_2.13/$(DELTA_VERSION)/delta-spark_2.13-$(DELTA_VERSION).jar
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench bench-search lint typecheck setup jars clean
+.PHONY: demo test test-fast test-cluster test-gpu bench bench-search lint typecheck setup jars clean
 
 setup: $(STAMP) jars
 
@@ -36,8 +36,17 @@ $(DELTA_JAR):
 demo: setup
 	$(BIN)/deltavec demo --config conf/deltavec.toml
 
+# The standalone-cluster test starts a master, two workers and their executors
+# (minutes on two cores), so it runs in its own target; .ci/run runs both.
+# GPU tests need a CUDA device: `make test-gpu` on a machine that has one.
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not cluster and not gpu" $(PYTEST_ARGS)
+
+test-cluster: setup
+	$(BIN)/python -m pytest -m "cluster and not gpu" $(PYTEST_ARGS)
+
+test-gpu: setup
+	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not fault and not cluster" $(PYTEST_ARGS)

@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--once", action="store_true", help="process what the source holds now, then exit"
     )
+    run.add_argument(
+        "--master",
+        default=None,
+        help="Spark master, e.g. spark://host:7077 or k8s://https://host (overrides spark.master)",
+    )
     run.set_defaults(command=cmd_run)
 
     quarantine = sub.add_parser("quarantine", help="show or re-queue rows that failed to embed")
@@ -127,7 +132,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from streaming.config import load_config
     from streaming.job import Job
 
-    config = load_config(args.config)
+    overrides = {"spark": {"master": args.master}} if args.master else None
+    config = load_config(args.config, overrides)
     summary = Job(config).run(once=args.once)
     print(
         json.dumps(

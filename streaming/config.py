@@ -159,6 +159,9 @@ class SparkConfig(_Section):
     master: str | None = "local[*]"
     app_name: str = "deltavec"
     conf: dict[str, str] = Field(default_factory=dict)
+    # On a cluster master the driver sends its own `streaming` package to the
+    # executors, so both sides run the same code whatever the workers have installed.
+    ship_package: bool = True
 
     @field_validator("conf", mode="before")
     @classmethod

@@ -78,7 +78,12 @@ class Job:
             from streaming.session import build_session
 
             cfg = self.config.spark
-            self._spark = build_session(master=cfg.master, app_name=cfg.app_name, conf=cfg.conf)
+            self._spark = build_session(
+                master=cfg.master,
+                app_name=cfg.app_name,
+                conf=cfg.conf,
+                ship_package=cfg.ship_package,
+            )
         return self._spark
 
     def on_batch(self, listener: Callable[[BatchReport], None]) -> None:

@@ -3,7 +3,12 @@
 The Delta JARs are named as Maven coordinates (``spark.jars.packages``); Spark's Ivy
 resolves them from ``~/.m2/repository`` first and Maven Central second, and ships
 them to executors itself. ``make jars`` warms ``~/.m2`` once so later starts work
-offline.
+offline. An image that already put the JARs into Spark's own ``jars/`` folder (the
+deltavec image does, at build time) skips Ivy altogether: every node of the image
+has them on its classpath, and nothing is fetched at run time.
+
+On a cluster master, the driver also ships its own copy of the ``streaming``
+package to the executors (see ``shipping``), so driver and workers run the same code.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import os
 import sys
 from collections.abc import Mapping
 from importlib.metadata import version
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -23,6 +29,29 @@ SCALA_BINARY = "2.13"
 def delta_packages() -> list[str]:
     """Maven coordinates of the Delta JARs that match the installed delta-spark."""
     return [f"io.delta:delta-spark_{SCALA_BINARY}:{version('delta-spark')}"]
+
+
+_RUNTIME_DEFAULTS = {
+    # Arrow batches feed the encoder; 2,048 rows keep a worker's memory small
+    # while the encoder's own token budget decides the forward-pass size
+    # (conf/spark-gpu.conf raises it for GPUs).
+    "spark.sql.execution.arrow.maxRecordsPerBatch": "2048",
+}
+
+
+def spark_home() -> Path:
+    """``$SPARK_HOME``, or the pyspark package folder that pip installs Spark into."""
+    if os.environ.get("SPARK_HOME"):
+        return Path(os.environ["SPARK_HOME"])
+    import pyspark
+
+    return Path(pyspark.__file__).resolve().parent
+
+
+def delta_on_classpath(home: Path | None = None) -> bool:
+    """Whether Spark's ``jars/`` folder already holds the matching delta-spark JAR."""
+    jar = f"delta-spark_{SCALA_BINARY}-{version('delta-spark')}.jar"
+    return ((home or spark_home()) / "jars" / jar).is_file()
 
 
 def _local_defaults(master: str) -> dict[str, str]:
@@ -47,11 +76,20 @@ def _local_cores(master: str) -> int:
         return os.cpu_count() or 1
 
 
+def _in_process(master: str) -> bool:
+    """Whether tasks run inside the driver's JVM (``local``, ``local[N]``), not on executors.
+
+    ``local-cluster[...]`` starts real executor processes, so it counts as a cluster.
+    """
+    return master == "local" or master.startswith("local[")
+
+
 def build_session(
     *,
     master: str | None,
     app_name: str,
     conf: Mapping[str, str] | None = None,
+    ship_package: bool = True,
 ) -> SparkSession:
     """Create (or join) the SparkSession the job runs in.
 
@@ -60,6 +98,8 @@ def build_session(
             spark-submit or the platform (Databricks) already set.
         app_name: the application name shown in the Spark UI.
         conf: extra Spark settings; they win over deltavec's defaults.
+        ship_package: on a cluster master, send this process's ``streaming``
+            package to the executors (a session that already exists is left as is).
     """
     from pyspark.sql import SparkSession
 
@@ -71,9 +111,6 @@ def build_session(
     settings: dict[str, str] = {
         "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
         "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
-        # Arrow batches feed the encoder; 2,048 rows keep a worker's memory small
-        # while the encoder's own token budget decides the forward-pass size.
-        "spark.sql.execution.arrow.maxRecordsPerBatch": "2048",
     }
     if master and master.startswith("local"):
         settings.update(_local_defaults(master))
@@ -83,9 +120,11 @@ def build_session(
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     user_conf = dict(conf or {})
     packages = [p for p in user_conf.pop("spark.jars.packages", "").split(",") if p]
-    if not any(p.startswith("io.delta:delta-spark") for p in packages):
+    has_delta = any(p.startswith("io.delta:delta-spark") for p in packages)
+    if not has_delta and not delta_on_classpath():
         packages = delta_packages() + packages
-    settings["spark.jars.packages"] = ",".join(packages)
+    if packages:
+        settings["spark.jars.packages"] = ",".join(packages)
     settings.update(user_conf)
 
     builder = SparkSession.builder.appName(app_name)
@@ -95,4 +134,14 @@ def build_session(
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("DELTAVEC_SPARK_LOG_LEVEL", "WARN"))
+    # Runtime defaults yield to what the launcher set (spark-submit --conf or
+    # --properties-file, spark-defaults.conf) as well as to the config's own.
+    launched = spark.sparkContext.getConf()
+    for key, value in _RUNTIME_DEFAULTS.items():
+        if key not in user_conf and not launched.contains(key):
+            spark.conf.set(key, value)
+    if ship_package and not _in_process(spark.sparkContext.master or "local"):
+        from streaming.shipping import ship_package as ship
+
+        ship(spark)
     return spark

@@ -12,15 +12,20 @@ settings (Spark reuses Python workers across tasks, so a worker loads it once).
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from streaming.columns import EMBEDDING, ERROR_CODE, ERROR_MESSAGE, TEXT
 from streaming.encoder import EncoderSpec
+from streaming.errors import ModelError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -34,7 +39,12 @@ _encoders_lock = threading.Lock()
 
 
 def get_encoder(spec: EncoderSpec) -> Encoder:
-    """The encoder for ``spec`` in this process, built on first use."""
+    """The encoder for ``spec`` in this process, built on first use.
+
+    A worker that Spark reuses for tasks on different GPUs of one executor keeps
+    one copy per GPU (the device is part of ``spec``): at most as many as the
+    executor has GPUs, and never a reload when a task lands on a GPU seen before.
+    """
     encoder = _encoders.get(spec)
     if encoder is not None:
         return encoder
@@ -43,8 +53,17 @@ def get_encoder(spec: EncoderSpec) -> Encoder:
         if encoder is None:
             from streaming.encoder import Encoder
 
+            started = time.perf_counter()
             encoder = Encoder(spec)
             _encoders[spec] = encoder
+            log.info(
+                "loaded model %s on %s in %.1fs (pid %d, package %s)",
+                spec.model,
+                encoder.device,
+                time.perf_counter() - started,
+                os.getpid(),
+                Path(__file__).parent,
+            )
     return encoder
 
 
@@ -54,9 +73,48 @@ def loaded_encoders() -> int:
 
 
 def task_device(requested: str) -> str:
-    """The GPU Spark assigned to the running task, else what the config asked for."""
+    """The GPU Spark assigned to the running task, else what the config asked for.
+
+    With ``spark.task.resource.gpu.amount`` set, Spark hands each task GPU
+    addresses from the executor's pool; tasks running side by side on an executor
+    with several GPUs get different ones, so each task's worker uses its own.
+    """
     if requested == "cpu":
         return requested
+    addresses = _task_gpu_addresses()
+    if not addresses:
+        return requested
+    return f"cuda:{cuda_ordinal(addresses[0], os.environ.get('CUDA_VISIBLE_DEVICES'))}"
+
+
+def cuda_ordinal(address: str, visible: str | None) -> int:
+    """The torch device number of the GPU Spark calls ``address``.
+
+    Spark's addresses are what the discovery script printed: ``nvidia-smi``
+    indices, or the entries of ``CUDA_VISIBLE_DEVICES`` where it is set. torch
+    numbers only the visible GPUs, from 0, so address "3" of "2,3" is ``cuda:1``.
+
+    Raises:
+        ModelError: the address is hidden from this process or is not a number.
+    """
+    if visible is not None and visible.strip():
+        ids = [part.strip() for part in visible.split(",") if part.strip()]
+        if address in ids:
+            return ids.index(address)
+        raise ModelError(
+            f"Spark assigned GPU {address} to this task, but CUDA_VISIBLE_DEVICES={visible} "
+            "hides it; the GPU discovery script must report only the GPUs workers can see"
+        )
+    try:
+        return int(address)
+    except ValueError:
+        raise ModelError(
+            f"Spark assigned GPU address {address!r}, which is not a device number; "
+            "the GPU discovery script must print nvidia-smi indices"
+        ) from None
+
+
+def _task_gpu_addresses() -> list[str]:
     try:
         from pyspark import TaskContext
 
@@ -64,9 +122,19 @@ def task_device(requested: str) -> str:
         gpus = context.resources().get("gpu") if context else None
     except Exception:  # noqa: BLE001 - outside a task there is nothing to ask
         gpus = None
-    if gpus is not None and gpus.addresses:
-        return f"cuda:{gpus.addresses[0]}"
-    return requested
+    return list(gpus.addresses) if gpus is not None else []
+
+
+def _log_to_stderr() -> None:
+    """On a Python worker, send deltavec's INFO lines to stderr, which Spark keeps
+    in the executor's log (the driver's logging set-up does not reach workers)."""
+    package_log = logging.getLogger("streaming")
+    if logging.getLogger().handlers or package_log.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
 
 
 @dataclass(frozen=True)
@@ -88,6 +156,7 @@ class EmbedBatches:
         from streaming.faults import poisoned
         from streaming.models import resolve_model
 
+        _log_to_stderr()
         spec = replace(
             self.spec, model=resolve_model(self.model), device=task_device(self.spec.device)
         )
