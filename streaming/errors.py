@@ -34,3 +34,7 @@ class CheckpointError(DeltavecError):
 
 class SchemaChangedError(DeltavecError):
     """The source schema changed under a running job."""
+
+
+class MetricsError(DeltavecError):
+    """The metrics endpoint cannot be served (its address is in use or not this host's)."""

@@ -74,6 +74,9 @@ def build_session(
         # Arrow batches feed the encoder; 2,048 rows keep a worker's memory small
         # while the encoder's own token budget decides the forward-pass size.
         "spark.sql.execution.arrow.maxRecordsPerBatch": "2048",
+        # Spark's stage bars would draw over deltavec's own progress bar and fill
+        # log files with carriage returns; the per-batch log line says more.
+        "spark.ui.showConsoleProgress": "false",
     }
     if master and master.startswith("local"):
         settings.update(_local_defaults(master))
