@@ -124,17 +124,13 @@ class DeltaLog:
 
     def latest(self) -> tuple[int, float | None]:
         """(version, commit time in epoch seconds) of the table's newest commit."""
-        from pyspark.sql import functions as F
-
-        row = (
-            tables.delta_table(self.spark, self.ref)
-            .history(1)
-            .select("version", F.col("timestamp").cast("double").alias("at"))
-            .first()
-        )
-        if row is None:
+        # collect() of the history as it comes: a projection on it would cost a Spark job.
+        rows = tables.delta_table(self.spark, self.ref).history(1).collect()
+        if not rows:
             return -1, None
-        return int(row["version"]), (float(row["at"]) if row["at"] is not None else None)
+        at = rows[0]["timestamp"]
+        # PySpark hands timestamps over as naive local times; .timestamp() reads them so.
+        return int(rows[0]["version"]), (at.timestamp() if at is not None else None)
 
     def commit(self, version: int) -> Commit | None:
         """The commit at ``version``; None once log clean-up has deleted its file."""
@@ -166,9 +162,11 @@ def row_count(spark: SparkSession, ref: TableRef) -> int | None:
     the log (a file without statistics).
     """
     frame = tables.read(spark, ref).groupBy().count()
+    # Delta computes the count while optimizing the plan; collect() on the same
+    # DataFrame reuses that plan, so the log is read once.
     plan = frame._jdf.queryExecution().optimizedPlan()
     if plan.getClass().getSimpleName() != "LocalRelation":
         log.warning("%s has files without row statistics; not counting its rows", ref.name)
         return None
-    row = frame.first()
-    return int(row[0]) if row else 0
+    rows = frame.collect()
+    return int(rows[0][0]) if rows else 0
