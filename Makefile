@@ -12,7 +12,7 @@ DELTA_VERSION := $(shell sed -n 's/.*"delta-spark==\([0-9.]*\)".*/\1/p' pyprojec
 DELTA_JAR := $(HOME)/.m2/repository/io/delta/delta-spark_2.13/$(DELTA_VERSION)/delta-spark_2.13-$(DELTA_VERSION).jar
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-cluster test-gpu bench bench-search lint typecheck setup jars clean
+.PHONY: demo test test-fast test-cluster test-gpu bench bench-search lint check-alerts typecheck setup jars clean
 
 setup: $(STAMP) jars
 
@@ -60,6 +60,11 @@ bench-search: setup
 lint: setup
 	$(BIN)/ruff check streaming tests benchmarks
 	$(BIN)/ruff format --check streaming tests benchmarks
+
+# The alert rules' own unit tests need promtool (Debian package "prometheus"),
+# which the test suite does not assume.
+check-alerts:
+	cd conf/prometheus && promtool check rules alerts.yml && promtool test rules alerts_test.yml
 
 typecheck: setup
 	$(BIN)/mypy

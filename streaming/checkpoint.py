@@ -10,12 +10,13 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from streaming.tables import hadoop_fs
+from streaming.tables import hadoop_fs, read_text
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 _APP_ID_PREFIX = "deltavec-"
+LAST_BATCH_NOTE = "_deltavec/last_batch.json"
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class DeltaOffset:
     reservoir_id: str
     reservoir_version: int
     index: int
+    is_starting_version: bool = False
 
     @property
     def last_version(self) -> int:
@@ -34,6 +36,19 @@ class DeltaOffset:
         offset stands at the start of ``reservoir_version``.
         """
         return self.reservoir_version - 1 if self.index == -1 else self.reservoir_version
+
+    @property
+    def processed_through(self) -> int:
+        """The newest source version all of whose rows are done; -1 when none is yet.
+
+        An index of -1 stands before ``reservoir_version``. Any other index is a
+        version cut short by ``maxFilesPerTrigger``: the versions before it are done.
+        Inside the initial snapshot (``isStartingVersion``), the files still to read
+        may come from any earlier version, so no version is done yet.
+        """
+        if self.index == -1:
+            return self.reservoir_version - 1
+        return -1 if self.is_starting_version else self.reservoir_version - 1
 
 
 class Checkpoint:
@@ -47,16 +62,7 @@ class Checkpoint:
         self._Path = jvm.org.apache.hadoop.fs.Path
 
     def _read(self, relative: str) -> str | None:
-        path = self._Path(f"{self.location}/{relative}")
-        if not self._fs.exists(path):
-            return None
-        stream = self._fs.open(path)
-        try:
-            jvm: Any = self.spark.sparkContext._jvm
-            data = jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
-        finally:
-            stream.close()
-        return str(data)
+        return read_text(self.spark, f"{self.location}/{relative}")
 
     def write_text(self, relative: str, text: str) -> None:
         stream = self._fs.create(self._Path(f"{self.location}/{relative}"), True)
@@ -109,6 +115,23 @@ class Checkpoint:
     def write_notes(self, notes: dict[str, Any]) -> None:
         self.write_text("_deltavec/job.json", json.dumps(notes, indent=2, sort_keys=True))
 
+    def processed_offset(self) -> tuple[int, DeltaOffset] | None:
+        """(batch id, source offset) of the newest batch Spark committed, if any."""
+        batch_id = self.last_committed_batch()
+        if batch_id is None:
+            return None
+        offset = self.offset(batch_id)
+        return (batch_id, offset) if offset else None
+
+    def last_batch(self) -> dict[str, Any]:
+        """What the newest written micro-batch did and when (see ``record_batch``)."""
+        text = self._read(LAST_BATCH_NOTE)
+        return dict(json.loads(text)) if text else {}
+
+    def record_batch(self, record: dict[str, Any]) -> None:
+        """Keep the newest micro-batch's numbers, so ``deltavec status`` can show them."""
+        self.write_text(LAST_BATCH_NOTE, json.dumps(record, sort_keys=True))
+
 
 def parse_delta_offset(text: str) -> DeltaOffset | None:
     """Parse an ``offsets/<n>`` file: a version line, a metadata line, one line per source."""
@@ -119,9 +142,15 @@ def parse_delta_offset(text: str) -> DeltaOffset | None:
         except ValueError:
             continue
         if isinstance(data, dict) and "reservoirVersion" in data:
-            return DeltaOffset(
-                reservoir_id=str(data.get("reservoirId", "")),
-                reservoir_version=int(data["reservoirVersion"]),
-                index=int(data.get("index", -1)),
-            )
+            return delta_offset(data)
     return None
+
+
+def delta_offset(data: dict[str, Any]) -> DeltaOffset:
+    """A Delta source offset from its JSON form (an offsets file line or a progress event)."""
+    return DeltaOffset(
+        reservoir_id=str(data.get("reservoirId", "")),
+        reservoir_version=int(data["reservoirVersion"]),
+        index=int(data.get("index", -1)),
+        is_starting_version=bool(data.get("isStartingVersion", False)),
+    )

@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     qretry.add_argument("--reason", help="only rows with this reason code")
     qretry.set_defaults(command=cmd_quarantine_retry)
 
+    status = sub.add_parser(
+        "status", help="show how far the job got: lag, table sizes, last batch (no job needed)"
+    )
+    _config_arg(status)
+    status.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    status.set_defaults(command=cmd_status)
+
     demo = sub.add_parser("demo", help="write a sample source table, embed it, search it")
     _config_arg(demo)
     demo.add_argument("--query", default=None, help="text to search the demo target for")
@@ -134,7 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     overrides = {"spark": {"master": args.master}} if args.master else None
     config = load_config(args.config, overrides)
-    summary = Job(config).run(once=args.once)
+    # --once drains a backlog that may take hours: show how far it got.
+    summary = Job(config).run(once=args.once, progress=args.once)
     print(
         json.dumps(
             {
@@ -187,6 +195,26 @@ def cmd_quarantine_retry(args: argparse.Namespace) -> int:
 
     report = quarantine.retry(_job(args), reason=args.reason)
     print(json.dumps(asdict(report)))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from streaming.config import load_config
+    from streaming.session import build_session
+    from streaming.status import format_status, job_status
+
+    config = load_config(args.config)
+    spark_cfg = config.spark
+    # A local session is enough to read logs and checkpoints, and never queues
+    # behind the job on its cluster; it takes the config's settings for storage
+    # credentials and catalogs.
+    spark = build_session(
+        master="local[1]" if spark_cfg.master is not None else None,
+        app_name=f"{spark_cfg.app_name}-status",
+        conf={"spark.ui.enabled": "false", **spark_cfg.conf},
+    )
+    status = job_status(spark, config)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
 

@@ -24,6 +24,16 @@ KEY_JSON = "_key_json"
 IS_DUPLICATE = "_duplicate"
 ERROR_CODE = "_error_code"
 ERROR_MESSAGE = "_error_message"
+# What the model did for one Arrow batch, set on the batch's first row only (see udf.py).
+ENCODE_STATS = "_encode_stats"
+# Its fields and their Spark SQL types.
+ENCODE_STATS_FIELDS = (
+    ("tokens", "bigint"),
+    ("padded_tokens", "bigint"),
+    ("gpu_memory_bytes", "bigint"),
+    ("device", "string"),
+    ("dtype", "string"),
+)
 
 UPSERT = "upsert"
 DELETE = "delete"

@@ -179,6 +179,10 @@ class MetricsConfig(_Section):
     # Loopback by default: the endpoint has no authentication.
     host: str = "127.0.0.1"
     port: int = Field(default=9464, ge=0, le=65535)
+    # How often the source lag and the table sizes are read from the Delta logs
+    # (also at once after every batch): each read lists the log and reads one
+    # commit file, cheap but not free on an object store.
+    refresh_seconds: float = Field(default=30.0, gt=0)
 
 
 class DeltavecConfig(BaseSettings):

@@ -38,3 +38,7 @@ class SchemaChangedError(DeltavecError):
 
 class SearchError(DeltavecError):
     """A search cannot be answered: a bad filter, a missing source, an optional library."""
+
+
+class MetricsError(DeltavecError):
+    """The metrics endpoint cannot be served (its address is in use or not this host's)."""

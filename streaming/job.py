@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from pyspark.sql.streaming.query import StreamingQuery
 
     from streaming.encoder import Encoder
+    from streaming.monitor import Monitor
+    from streaming.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,8 @@ class Job:
         self.sink: MergeSink | None = None
         self.query: StreamingQuery | None = None
         self._stop = threading.Event()
-        self._batch_listeners: list[Callable[[BatchReport], None]] = []
+        self._batch_listeners: list[Callable[[BatchReport], None]] = [self._record_batch]
+        self._starts = 0
 
     @property
     def spark(self) -> SparkSession:
@@ -171,13 +174,33 @@ class Job:
                 f"checkpoint {checkpoint.location} was written with model {notes['model']}, "
                 f"not {self.model_identity}; run 'deltavec reembed' to change models"
             )
+        # Every start counts, so the metrics can report restarts across driver restarts.
+        self._starts = int(notes.get("starts", 0)) + 1
         return {
             **notes,
             "source": self.config.source.name,
             "source_id": source_id,
             "target": self.config.target.name,
             "model": self.model_identity,
+            "starts": self._starts,
         }
+
+    def _record_batch(self, report: BatchReport) -> None:
+        """Keep the last batch's numbers in the checkpoint, for ``deltavec status``."""
+        Checkpoint(self.spark, self.config.checkpoint.location).record_batch(
+            {
+                "batch_id": report.batch_id,
+                "finished_at": time.time(),
+                "seconds": {k: round(v, 3) for k, v in report.seconds.items()},
+                "rows": report.rows,
+                "embedded": report.embedded,
+                "unchanged": report.unchanged,
+                "deleted": report.deletes,
+                "quarantined": report.quarantined_total,
+                "source_version": report.source_version,
+                "tokens": report.tokens,
+            }
+        )
 
     # -- running ----------------------------------------------------------------------
 
@@ -232,20 +255,93 @@ class Job:
         )
         return self.query
 
-    def run(self, *, once: bool) -> RunSummary:
-        """Prepare, start, and block until drained (``once``) or stopped."""
+    def run(self, *, once: bool, progress: bool = False) -> RunSummary:
+        """Prepare, start, and block until drained (``once``) or stopped.
+
+        Args:
+            once: process what the source holds now, then return.
+            progress: with ``once``, show rows done of the backlog (a bar on a
+                terminal, log lines elsewhere).
+        """
         summary = RunSummary()
         self.on_batch(summary.add)
         started = time.perf_counter()
-        self.prepare()
-        restore = _install_signal_handlers(self.request_stop)
+        # Bound before any table is touched: a busy port stops the job at once.
+        monitor = self._monitor()
+        bar: Progress | None = None
+        restore: Callable[[], None] = _nothing
+        listeners = list(self._batch_listeners)
         try:
+            self.prepare()
+            if monitor is not None:
+                self._watch(monitor)
+            if progress and once:
+                bar = self._progress()
+            restore = _install_signal_handlers(self.request_stop)
             query = self.start(once=once)
             self._wait(query)
         finally:
             restore()
+            # This run's monitor and progress bar listen to this run only.
+            self._batch_listeners = listeners
+            if bar is not None:
+                bar.close()
+            if monitor is not None:
+                monitor.stop()
             summary.seconds = time.perf_counter() - started
         return summary
+
+    def _monitor(self) -> Monitor | None:
+        """The metrics endpoint, open, or None when ``metrics.port`` is 0."""
+        cfg = self.config
+        if not cfg.metrics.port:
+            return None
+        from streaming.monitor import Monitor
+
+        monitor = Monitor(
+            host=cfg.metrics.host,
+            port=cfg.metrics.port,
+            refresh_seconds=cfg.metrics.refresh_seconds,
+            source=cfg.source,
+            target=cfg.target,
+            quarantine=cfg.target.quarantine,
+            checkpoint=cfg.checkpoint.location,
+            mode=cfg.source.mode,
+        )
+        monitor.start()
+        return monitor
+
+    def _watch(self, monitor: Monitor) -> None:
+        monitor.watch(
+            self.spark,
+            model=self.model_identity,
+            dim=self.dim,
+            device=self.config.model.device,
+            dtype=self.config.model.precision,
+            starts=self._starts,
+        )
+        self.on_batch(monitor.on_batch)
+
+    def _progress(self) -> Progress:
+        """A progress display over the rows the source holds for this stream."""
+        from streaming.delta_log import DeltaLog, row_count
+        from streaming.lag import backlog_rows
+        from streaming.progress import Progress
+
+        cfg = self.config
+        try:
+            total = backlog_rows(
+                DeltaLog(self.spark, cfg.source),
+                Checkpoint(self.spark, cfg.checkpoint.location),
+                mode=cfg.source.mode,
+                table_rows=lambda: row_count(self.spark, cfg.source),
+            )
+        except Exception as exc:  # noqa: BLE001 - an unknown total still shows a rate
+            log.warning("cannot estimate the backlog: %s", exc)
+            total = None
+        bar = Progress(total, task="embed", unit="rows")
+        self.on_batch(lambda report: bar.advance(report.rows))
+        return bar
 
     def request_stop(self, *_: Any) -> None:
         """Stop after the micro-batch in flight, if any, has been written."""
@@ -274,6 +370,10 @@ class Job:
         self.sink.idle.wait()
         query.stop()
         log.info("query stopped; the checkpoint is at the last written batch")
+
+
+def _nothing() -> None:
+    pass
 
 
 def _is_stop(error: BaseException) -> bool:

@@ -38,9 +38,19 @@ _CONFLICT_NAMES = (
 _retries_listeners: list[Callable[[str], None]] = []
 
 
-def on_retry(listener: Callable[[str], None]) -> None:
-    """Register a callback told the conflict's name at every retry (for metrics)."""
+def on_retry(listener: Callable[[str], None]) -> Callable[[], None]:
+    """Register a callback told the conflict's name at every retry (for metrics).
+
+    Returns:
+        A function that unregisters it (a job's metrics stop with the job).
+    """
     _retries_listeners.append(listener)
+
+    def unregister() -> None:
+        if listener in _retries_listeners:
+            _retries_listeners.remove(listener)
+
+    return unregister
 
 
 def conflict_name(exc: BaseException) -> str | None:

@@ -111,6 +111,9 @@ def build_session(
     settings: dict[str, str] = {
         "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
         "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        # Spark's stage bars would draw over deltavec's own progress bar and fill
+        # log files with carriage returns; the per-batch log line says more.
+        "spark.ui.showConsoleProgress": "false",
     }
     if master and master.startswith("local"):
         settings.update(_local_defaults(master))

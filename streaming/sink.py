@@ -29,6 +29,8 @@ from streaming.columns import (
     DIM,
     EMBEDDED_AT,
     EMBEDDING,
+    ENCODE_STATS,
+    ENCODE_STATS_FIELDS,
     ERROR_CODE,
     ERROR_MESSAGE,
     IS_DUPLICATE,
@@ -42,6 +44,7 @@ from streaming.columns import (
     UPSERT,
 )
 from streaming.config import TableRef
+from streaming.logs import kv
 from streaming.retry import retry_conflicts
 from streaming.source import check_batch_columns
 
@@ -78,10 +81,21 @@ class BatchReport:
     source_version: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     replayed: bool = False
+    # What the model did, as the workers report it (udf.encode_stats_column).
+    tokens: int = 0
+    padded_tokens: int = 0
+    gpu_memory: dict[str, int] = field(default_factory=dict)
+    device: str | None = None
+    dtype: str | None = None
 
     @property
     def quarantined_total(self) -> int:
         return sum(self.quarantined.values())
+
+    @property
+    def padding_ratio(self) -> float | None:
+        """Padded tokens per real token; None when the model did not run."""
+        return self.padded_tokens / self.tokens if self.tokens else None
 
 
 class MergeSink:
@@ -150,7 +164,12 @@ class MergeSink:
         finally:
             self.idle.set()
         for listener in self.listeners:
-            listener(report)  # type: ignore[operator]
+            try:
+                listener(report)  # type: ignore[operator]
+            except Exception:
+                # Failing here would fail a batch whose MERGE is committed, and stop the stream
+                # over a metric or a status note.
+                log.warning("batch %d: a batch listener failed", batch_id, exc_info=True)
 
     @property
     def app_id(self) -> str:
@@ -174,7 +193,8 @@ class MergeSink:
         spark = batch.sparkSession
         report = BatchReport(batch_id=batch_id, source_version=source_version)
         clock = _Clock(report.seconds)
-        if self.mode == "append" and source_version is None:
+        # Append mode stamps rows with this version; both modes log it.
+        if source_version is None:
             offset = self.checkpoint.offset(batch_id)
             report.source_version = offset.last_version if offset else None
 
@@ -199,18 +219,8 @@ class MergeSink:
             )
             embed, schema = self._embedder(inputs.schema)
             embedded = inputs.mapInArrow(embed, schema).persist(StorageLevel.MEMORY_AND_DISK)
-            counts = embedded.groupBy(F.col(ERROR_CODE)).count().collect()
-            for row in counts:
-                code = row[ERROR_CODE]
-                if code is None:
-                    report.embedded = int(row["count"])
-                else:
-                    report.quarantined[code] = report.quarantined.get(code, 0) + int(row["count"])
-            report.unchanged = (
-                report.upserts
-                - report.embedded
-                - sum(int(r["count"]) for r in counts if r[ERROR_CODE] is not None)
-            )
+            failed = _tally(embedded, report)
+            report.unchanged = report.upserts - report.embedded - failed
 
         try:
             faults.maybe_fail("before_merge")
@@ -222,21 +232,7 @@ class MergeSink:
         finally:
             embedded.unpersist()
             acts.unpersist()
-        log.info(
-            "batch %d: rows=%d embedded=%d unchanged=%d deleted=%d quarantined=%d "
-            "duplicates=%d source_version=%s read=%.2fs embed=%.2fs merge=%.2fs",
-            batch_id,
-            report.rows,
-            report.embedded,
-            report.unchanged,
-            report.deletes,
-            report.quarantined_total,
-            report.duplicates,
-            report.source_version,
-            report.seconds.get("read", 0.0),
-            report.seconds.get("embed", 0.0),
-            report.seconds.get("merge", 0.0),
-        )
+        log.info("%s", _batch_line(report))
         return report
 
     def _count_actions(self, acts: DataFrame, report: BatchReport) -> None:
@@ -284,6 +280,10 @@ class MergeSink:
                 StructField(EMBEDDING, ArrayType(FloatType(), containsNull=False)),
                 StructField(ERROR_CODE, StringType()),
                 StructField(ERROR_MESSAGE, StringType()),
+                StructField(
+                    ENCODE_STATS,
+                    StructType.fromDDL(", ".join(f"{n} {t}" for n, t in ENCODE_STATS_FIELDS)),
+                ),
             ]
         )
         return replace(self.embed, output_names=tuple(schema.names)), schema
@@ -444,6 +444,69 @@ class MergeSink:
                 )
 
         retry_conflicts(merge, what=f"MERGE of batch {batch_id} into {self.quarantine.name}")
+
+
+def _tally(embedded: DataFrame, report: BatchReport) -> int:
+    """Count embedded and failed rows and add up the workers' encode stats, in one job.
+
+    Returns:
+        The rows the model failed on (they are in ``report.quarantined`` too).
+    """
+    from pyspark.sql import functions as F
+
+    stats = F.col(ENCODE_STATS)
+    rows = (
+        embedded.groupBy(F.col(ERROR_CODE), stats.getField("device").alias("device"))
+        .agg(
+            F.count(F.lit(1)).alias("count"),
+            F.sum(stats.getField("tokens")).alias("tokens"),
+            F.sum(stats.getField("padded_tokens")).alias("padded_tokens"),
+            F.max(stats.getField("gpu_memory_bytes")).alias("gpu_memory_bytes"),
+            F.max(stats.getField("dtype")).alias("dtype"),
+        )
+        .collect()
+    )
+    failed = 0
+    for row in rows:
+        code, count = row[ERROR_CODE], int(row["count"])
+        if code is None:
+            report.embedded += count
+        else:
+            report.quarantined[code] = report.quarantined.get(code, 0) + count
+            failed += count
+        report.tokens += int(row["tokens"] or 0)
+        report.padded_tokens += int(row["padded_tokens"] or 0)
+        device = row["device"]
+        if device:
+            report.device = str(device).split(":")[0]
+            report.dtype = row["dtype"] or report.dtype
+        if device and row["gpu_memory_bytes"] is not None:
+            used = int(row["gpu_memory_bytes"])
+            report.gpu_memory[device] = max(report.gpu_memory.get(device, 0), used)
+    return failed
+
+
+def _batch_line(report: BatchReport) -> str:
+    """The one structured log line per micro-batch."""
+    total = sum(report.seconds.values())
+    return kv(
+        "batch",
+        batch_id=report.batch_id,
+        rows=report.rows,
+        embedded=report.embedded,
+        unchanged=report.unchanged,
+        deleted=report.deletes,
+        quarantined=report.quarantined_total,
+        duplicates=report.duplicates,
+        source_version=report.source_version,
+        read_s=report.seconds.get("read", 0.0),
+        embed_s=report.seconds.get("embed", 0.0),
+        merge_s=report.seconds.get("merge", 0.0),
+        total_s=total,
+        rows_per_s=report.rows / total if total > 0 else 0.0,
+        tokens=report.tokens,
+        padding=report.padding_ratio,
+    )
 
 
 def _problem_message(keys: list[str], text_columns: list[str]) -> Column:

@@ -28,6 +28,19 @@ def hadoop_fs(spark: SparkSession, path: str) -> tuple[Any, Any]:
     return hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hpath
 
 
+def read_text(spark: SparkSession, path: str) -> str | None:
+    """A small file's text, or None if it does not exist; any Hadoop file system."""
+    fs, hpath = hadoop_fs(spark, path)
+    if not fs.exists(hpath):
+        return None
+    stream = fs.open(hpath)
+    try:
+        jvm: Any = spark.sparkContext._jvm
+        return str(jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8"))
+    finally:
+        stream.close()
+
+
 def path_has_files(spark: SparkSession, path: str) -> bool:
     """Whether anything is stored at ``path`` (a Delta table or not), on any file system."""
     fs, hpath = hadoop_fs(spark, path)

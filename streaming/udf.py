@@ -23,8 +23,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from streaming.columns import EMBEDDING, ERROR_CODE, ERROR_MESSAGE, TEXT
-from streaming.encoder import EncoderSpec
+from streaming.columns import (
+    EMBEDDING,
+    ENCODE_STATS,
+    ENCODE_STATS_FIELDS,
+    ERROR_CODE,
+    ERROR_MESSAGE,
+    TEXT,
+)
+from streaming.encoder import EncoderSpec, EncodeStats
 from streaming.errors import ModelError
 
 if TYPE_CHECKING:
@@ -172,8 +179,9 @@ class EmbedBatches:
         texts, codes, messages = decode_texts(batch.column(batch.schema.get_field_index(TEXT)))
         good = [i for i, code in enumerate(codes) if code is None]
         vectors = np.full((batch.num_rows, encoder.dim), np.nan, dtype=np.float32)
+        stats = EncodeStats()
         if good:
-            encoded, failures, _ = encode_isolating_failures(encoder, [texts[i] for i in good])
+            encoded, failures, stats = encode_isolating_failures(encoder, [texts[i] for i in good])
             vectors[good] = encoded
             for failure in failures:
                 row = good[failure.index]
@@ -188,6 +196,7 @@ class EmbedBatches:
         columns[EMBEDDING] = embedding
         columns[ERROR_CODE] = pa.array(codes, type=pa.string())
         columns[ERROR_MESSAGE] = pa.array(messages, type=pa.string())
+        columns[ENCODE_STATS] = encode_stats_column(encoder, stats, batch.num_rows)
         # Failed rows keep their text for the quarantine; good rows drop it here.
         columns[TEXT] = pa.array(
             [texts[i] if failed[i] else None for i in range(batch.num_rows)], type=pa.string()
@@ -195,6 +204,48 @@ class EmbedBatches:
         return pa.RecordBatch.from_arrays(
             [columns[name] for name in self.output_names], names=list(self.output_names)
         )
+
+
+def encode_stats_column(encoder: Encoder, stats: EncodeStats, rows: int) -> pa.StructArray:
+    """What the model did for one Arrow batch, as a column set on the first row only.
+
+    The driver wants tokens, padding and GPU memory per micro-batch. Riding along
+    with the vectors costs one mostly-null struct column, summed by the count the
+    sink already runs; a Spark accumulator would need no column but counts a task
+    twice when Spark recomputes a lost partition, and does not exist in Spark
+    Connect. Only sums and maxima are meaningful: any one row's value is not.
+    """
+    import pyarrow as pa
+
+    device = str(encoder.device)
+    gpu_bytes = _gpu_memory_peak(device) if device.startswith("cuda") else None
+    if device == "cuda":
+        import torch
+
+        device = f"cuda:{torch.cuda.current_device()}"
+    first = {
+        "tokens": stats.real_tokens,
+        "padded_tokens": stats.padded_tokens,
+        "gpu_memory_bytes": gpu_bytes,
+        "device": device,
+        "dtype": str(encoder.dtype).removeprefix("torch."),
+    }
+    kinds = {"bigint": pa.int64(), "string": pa.string()}
+    fields = [pa.field(name, kinds[kind]) for name, kind in ENCODE_STATS_FIELDS]
+    arrays = [
+        pa.array([first[f.name]] + [None] * (rows - 1) if rows else [], type=f.type) for f in fields
+    ]
+    mask = pa.array([i > 0 for i in range(rows)], type=pa.bool_())
+    return pa.StructArray.from_arrays(arrays, fields=fields, mask=mask)
+
+
+def _gpu_memory_peak(device: str) -> int:
+    """Peak GPU memory torch reserved since the last call; resets the peak."""
+    import torch
+
+    peak = int(torch.cuda.max_memory_reserved(device))
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def decode_texts(column: pa.Array) -> tuple[list[str], list[str | None], list[str | None]]:
