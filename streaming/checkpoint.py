@@ -25,6 +25,9 @@ class DeltaOffset:
     reservoir_id: str
     reservoir_version: int
     index: int
+    # True while the stream still reads the table's starting snapshot, which already
+    # holds the effect of every commit up to ``reservoir_version``.
+    is_starting_version: bool = False
 
     @property
     def last_version(self) -> int:
@@ -34,6 +37,11 @@ class DeltaOffset:
         offset stands at the start of ``reservoir_version``.
         """
         return self.reservoir_version - 1 if self.index == -1 else self.reservoir_version
+
+    @property
+    def covered_through(self) -> int:
+        """The newest source commit a stream at this offset has moved past (read or skipped)."""
+        return self.reservoir_version if self.is_starting_version else self.last_version
 
 
 class Checkpoint:
@@ -123,5 +131,6 @@ def parse_delta_offset(text: str) -> DeltaOffset | None:
                 reservoir_id=str(data.get("reservoirId", "")),
                 reservoir_version=int(data["reservoirVersion"]),
                 index=int(data.get("index", -1)),
+                is_starting_version=bool(data.get("isStartingVersion", False)),
             )
     return None

@@ -93,6 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "unchanged": summary.unchanged,
                 "deleted": summary.deleted,
                 "quarantined": summary.quarantined,
+                "skipped_change_commits": summary.skipped_change_commits,
                 "seconds": round(summary.seconds, 1),
             }
         )

@@ -20,6 +20,8 @@ from streaming.checkpoint import Checkpoint
 from streaming.config import DeltavecConfig
 from streaming.encoder import EncoderSpec
 from streaming.errors import CheckpointError
+from streaming.lease import CheckpointLease, store_for
+from streaming.merge import Layout
 from streaming.sink import BatchReport, MergeSink, StopRequested
 from streaming.udf import EmbedBatches, get_encoder
 
@@ -45,6 +47,7 @@ class RunSummary:
     deleted: int = 0
     quarantined: int = 0
     duplicates: int = 0
+    skipped_change_commits: int = 0
     seconds: float = 0.0
     reports: list[BatchReport] = field(default_factory=list)
 
@@ -56,6 +59,7 @@ class RunSummary:
         self.deleted += report.deletes
         self.quarantined += report.quarantined_total
         self.duplicates += report.duplicates
+        self.skipped_change_commits += report.skipped_change_commits
         self.reports.append(report)
 
 
@@ -71,6 +75,7 @@ class Job:
         self.query: StreamingQuery | None = None
         self._stop = threading.Event()
         self._batch_listeners: list[Callable[[BatchReport], None]] = []
+        self.lease: CheckpointLease | None = None
 
     @property
     def spark(self) -> SparkSession:
@@ -123,6 +128,7 @@ class Job:
         """Check source, model, target and checkpoint; create the target if needed."""
         cfg = self.config
         spark = self.spark
+        self.take_lease()
         schema = source.check_source(spark, cfg.source)
         self.load_model()
         self._check_checkpoint(spark)
@@ -132,8 +138,30 @@ class Job:
             key_fields=source.key_fields(schema, cfg.source.key),
             model_identity=self.model_identity,
             dim=self.dim,
+            deletion_vectors=cfg.target.deletion_vectors,
         )
         target.ensure_quarantine(spark, cfg.target.quarantine)
+
+    def take_lease(self) -> None:
+        """Hold the checkpoint's lease until ``close``: a second job on it is refused."""
+        if self.lease is not None:
+            return
+        location = self.config.checkpoint.location
+        lease = CheckpointLease(
+            store_for(location, self.spark),
+            location=location,
+            ttl_s=self.config.checkpoint.lease_seconds,
+            on_lost=lambda _: self.request_stop(),
+        )
+        lease.acquire()
+        lease.start_heartbeat()
+        self.lease = lease
+
+    def close(self) -> None:
+        """Give the checkpoint's lease back (``run`` does this itself)."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
     def _check_checkpoint(self, spark: SparkSession) -> None:
         checkpoint = Checkpoint(spark, self.config.checkpoint.location)
@@ -178,6 +206,11 @@ class Job:
             dim=self.dim,
             parallelism=spark.sparkContext.defaultParallelism,
             on_batch=list(self._batch_listeners),
+            source=cfg.source,
+            layout=Layout(
+                max_rows_per_file=cfg.target.max_rows_per_file,
+                deletion_vectors=cfg.target.deletion_vectors,
+            ),
         )
         writer = (
             source.open_stream(spark, cfg.source)
@@ -205,13 +238,16 @@ class Job:
         summary = RunSummary()
         self.on_batch(summary.add)
         started = time.perf_counter()
-        self.prepare()
-        restore = _install_signal_handlers(self.request_stop)
         try:
-            query = self.start(once=once)
-            self._wait(query)
+            self.prepare()
+            restore = _install_signal_handlers(self.request_stop)
+            try:
+                query = self.start(once=once)
+                self._wait(query)
+            finally:
+                restore()
         finally:
-            restore()
+            self.close()
             summary.seconds = time.perf_counter() - started
         return summary
 

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 MODEL_PROPERTY = "deltavec.model"
 DIM_PROPERTY = "deltavec.dim"
 KEYS_PROPERTY = "deltavec.keys"
+DELETION_VECTORS_PROPERTY = "delta.enableDeletionVectors"
+STATS_COLUMNS_PROPERTY = "delta.dataSkippingStatsColumns"
 
 QUARANTINE_COLUMNS = (
     "key",
@@ -85,8 +87,14 @@ def ensure_target(
     key_fields: list[StructField],
     model_identity: str,
     dim: int,
+    deletion_vectors: bool = False,
 ) -> None:
     """Create the target if it is missing; refuse one this job cannot write.
+
+    Args:
+        deletion_vectors: create the target with Delta deletion vectors. Set
+            explicitly either way, since some platforms turn them on by default and
+            the deltalake reader cannot read them.
 
     Raises:
         TargetError: the table exists with another schema, keys or model.
@@ -105,6 +113,10 @@ def ensure_target(
                 MODEL_PROPERTY: model_identity,
                 DIM_PROPERTY: str(dim),
                 KEYS_PROPERTY: ",".join(f.name for f in key_fields),
+                DELETION_VECTORS_PROPERTY: str(deletion_vectors).lower(),
+                # Statistics on the keys prune files for the MERGE; statistics on
+                # vectors and hashes would only make the log larger.
+                STATS_COLUMNS_PROPERTY: ",".join([*(f.name for f in key_fields), SOURCE_VERSION]),
             },
         )
         return
