@@ -99,7 +99,14 @@ class Checkpoint:
 
     def last_committed_batch(self) -> int | None:
         """The newest batch id Spark marked done in ``commits/``."""
-        path = self._Path(f"{self.location}/commits")
+        return self._newest("commits")
+
+    def last_planned_batch(self) -> int | None:
+        """The newest batch id Spark wrote an offset for (it may not have run yet)."""
+        return self._newest("offsets")
+
+    def _newest(self, folder: str) -> int | None:
+        path = self._Path(f"{self.location}/{folder}")
         if not self._fs.exists(path):
             return None
         ids = [

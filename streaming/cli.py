@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from streaming.errors import DeltavecError
 
@@ -51,6 +52,23 @@ def _parser() -> argparse.ArgumentParser:
         "--once", action="store_true", help="process what the source holds now, then exit"
     )
     run.set_defaults(command=cmd_run)
+
+    reembed = sub.add_parser(
+        "reembed",
+        help="re-embed the target with another model, switching consumers over at once",
+    )
+    _config_arg(reembed)
+    reembed.add_argument(
+        "--model", required=True, help='the new model: "default", a folder or a Hugging Face id'
+    )
+    reembed.add_argument("--revision", default=None, help="Hugging Face revision of the model")
+    reembed.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=5000,
+        help="rows embedded per resumable step (default 5000)",
+    )
+    reembed.set_defaults(command=cmd_reembed)
 
     demo = sub.add_parser("demo", help="write a sample source table, embed it, search it")
     _config_arg(demo)
@@ -99,6 +117,67 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def cmd_reembed(args: argparse.Namespace) -> int:
+    from streaming.config import load_config
+    from streaming.reembed import Reembed
+
+    config = load_config(args.config)
+    with _progress("re-embedding") as progress:
+        report = Reembed(
+            config,
+            model=args.model,
+            revision=args.revision,
+            chunk_rows=args.chunk_rows,
+            progress=progress,
+        ).run()
+    print(
+        json.dumps(
+            {
+                "model_from": report.model_from,
+                "model_to": report.model_to,
+                "source_version": report.source_version,
+                "rows": report.rows,
+                "embedded": report.embedded,
+                "reused": report.reused,
+                "failed": report.failed,
+                "switched": report.switched,
+                "seconds": round(report.seconds, 1),
+            }
+        )
+    )
+    print(
+        f"deltavec: the target now holds {report.model_to}; set model.name = "
+        f"{args.model!r} in {args.config} before the next 'deltavec run'",
+        file=sys.stderr,
+    )
+    return 0
+
+
+@contextmanager
+def _progress(what: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on a terminal, one log line per step otherwise."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(desc=what, unit="rows", file=sys.stderr)
+
+        def update(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        try:
+            yield update
+        finally:
+            bar.close()
+    else:
+
+        def log_line(done: int, total: int) -> None:
+            log.info("%s: %d of %d rows", what, done, total)
+
+        yield log_line
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from streaming.merge import key_ranges
 
 
@@ -23,7 +25,7 @@ def test_every_key_is_covered_and_ranges_do_not_overlap() -> None:
     ranges = key_ranges(values, 256)
     assert len(ranges) == 256
     assert all(lo <= hi for lo, hi in ranges)
-    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(ranges))
     assert all(any(lo <= v <= hi for lo, hi in ranges) for v in values)
 
 
