@@ -12,7 +12,7 @@ DELTA_VERSION := $(shell sed -n 's/.*"delta-spark==\([0-9.]*\)".*/\1/p' pyprojec
 DELTA_JAR := $(HOME)/.m2/repository/io/delta/delta-spark_2.13/$(DELTA_VERSION)/delta-spark_2.13-$(DELTA_VERSION).jar
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench lint typecheck setup jars clean
+.PHONY: demo test test-fast bench bench-merge lint typecheck setup jars clean
 
 setup: $(STAMP) jars
 
@@ -44,6 +44,10 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/throughput.py
+
+# MERGE cost against 10k, 100k and 1M-row targets (about 2 GB of disk, 20+ minutes).
+bench-merge: setup
+	$(BIN)/python benchmarks/merge_scaling.py
 
 lint: setup
 	$(BIN)/ruff check streaming tests benchmarks

@@ -62,7 +62,12 @@ def _vectors(seed_column: Any) -> Any:
 
     return F.transform(
         F.sequence(F.lit(0), F.lit(DIMENSIONS - 1)),
-        lambda i: ((F.abs(F.hash(seed_column, i)) % 20000) / 10000.0 - 1.0).cast("float"),
+        # coalesce: the target's vectors hold no null elements, and Delta will not
+        # cast an array that might into one that cannot.
+        lambda i: F.coalesce(
+            ((F.abs(F.hash(seed_column, i)) % 20000) / 10000.0 - 1.0).cast("float"),
+            F.lit(0.0).cast("float"),
+        ),
     )
 
 
@@ -122,8 +127,9 @@ def make_batch(spark: Any, rows: int, size: int, batch: int, seed: int) -> Any:
         "id",
         ACTION,
         F.when(is_upsert, _vectors(F.col("id") + F.lit(batch + 1))).alias(EMBEDDING),
-        F.when(is_upsert, F.sha2(F.concat(F.col("id").cast("string"), F.lit(f"#{batch}")), 256))
-        .alias(BATCH_TEXT_HASH),
+        F.when(
+            is_upsert, F.sha2(F.concat(F.col("id").cast("string"), F.lit(f"#{batch}")), 256)
+        ).alias(BATCH_TEXT_HASH),
         F.lit(batch + 1).cast("long").alias(BATCH_SOURCE_VERSION),
     ).persist()
 

@@ -41,7 +41,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from streaming import tables
+from streaming import faults, tables
 from streaming.columns import (
     BATCH_SOURCE_VERSION,
     BATCH_TEXT_HASH,
@@ -87,12 +87,15 @@ class Layout:
     Attributes:
         max_rows_per_file: rows per file written by an append; small files make a
             changed row cheaper to rewrite, at the price of more files.
-        max_key_ranges: ranges of batch keys put into the MERGE condition.
+        max_key_ranges: ranges of batch keys put into the MERGE condition. Delta
+            evaluates them over every file's statistics in one generated method;
+            past about 100 ranges that method outgrows the JVM's 64 KB limit and
+            Spark falls back to slow interpreted evaluation, with an error logged.
         deletion_vectors: mark changed rows deleted instead of rewriting files.
     """
 
     max_rows_per_file: int = 2_000
-    max_key_ranges: int = 1_024
+    max_key_ranges: int = 64
     deletion_vectors: bool = False
 
 
@@ -243,6 +246,7 @@ class TargetWriter:
         appended = int((counts["append"] if counts else 0) or 0)
         if merged:
             self._merge(spark, changes.where(F.col(EXISTS)), merged, app_id, batch_id, ranges)
+            faults.maybe_fail("between_writes")
         if appended:
             inserts = changes.where(~F.col(EXISTS) & (F.col(ACTION) == UPSERT))
             self._append(inserts, appended, app_id, batch_id)

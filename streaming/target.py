@@ -134,7 +134,9 @@ def check_target(
             raise TargetError(
                 f"target {ref.name} has an incompatible schema: column {wanted.name} is missing"
             )
-        if have[wanted.name] != wanted.dataType:
+        # Types are compared without nullability: a re-embedding's CREATE OR REPLACE
+        # makes every column nullable, and deltavec never writes nulls into them.
+        if have[wanted.name].simpleString() != wanted.dataType.simpleString():
             raise TargetError(
                 f"target {ref.name} has an incompatible schema: column {wanted.name} is "
                 f"{have[wanted.name].simpleString()}, deltavec writes "
