@@ -7,6 +7,7 @@ S3, ABFS, GCS, HDFS or DBFS works the same as a local folder.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,8 @@ from streaming.tables import hadoop_fs
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
 
 _APP_ID_PREFIX = "deltavec-"
 
@@ -119,7 +122,13 @@ class Checkpoint:
     def notes(self) -> dict[str, Any]:
         """deltavec's own record in the checkpoint (source table id, model)."""
         text = self._read("_deltavec/job.json")
-        return dict(json.loads(text)) if text else {}
+        try:
+            return dict(json.loads(text)) if text else {}
+        except ValueError:
+            # A process killed while writing them leaves them cut short; the job
+            # writes them again after its checks.
+            log.warning("checkpoint %s: unreadable _deltavec/job.json, ignored", self.location)
+            return {}
 
     def write_notes(self, notes: dict[str, Any]) -> None:
         self.write_text("_deltavec/job.json", json.dumps(notes, indent=2, sort_keys=True))

@@ -127,8 +127,8 @@ class Job:
     def prepare(self) -> None:
         """Check source, model, target and checkpoint; create the target if needed."""
         cfg = self.config
-        spark = self.spark
         self.take_lease()
+        spark = self.spark
         schema = source.check_source(spark, cfg.source)
         self.load_model()
         self._check_checkpoint(spark)
@@ -147,8 +147,11 @@ class Job:
         if self.lease is not None:
             return
         location = self.config.checkpoint.location
+        # A local checkpoint is leased before Spark starts, so a second job is
+        # refused in a second rather than after a JVM start.
+        local = location.startswith(("/", "file:"))
         lease = CheckpointLease(
-            store_for(location, self.spark),
+            store_for(location, None if local else self.spark),
             location=location,
             ttl_s=self.config.checkpoint.lease_seconds,
             on_lost=lambda _: self.request_stop(),

@@ -314,9 +314,13 @@ class TargetWriter:
             *[F.col(f"s.`{k}`").alias(k) for k in self.keys],
             *[F.col(c).alias(n) if isinstance(c, str) else c.alias(n) for n, c in values.items()],
         )
-        files = max(1, math.ceil(count / self.layout.max_rows_per_file))
         # Sorted by key, so each new file covers a narrow key range the pruning can use.
-        frame = frame.repartitionByRange(files, *self.keys).sortWithinPartitions(*self.keys)
+        if count <= self.layout.max_rows_per_file:
+            frame = frame.coalesce(1).sortWithinPartitions(*self.keys)
+        else:
+            # A range partitioning costs a sampling pass; only worth it for large batches.
+            files = math.ceil(count / self.layout.max_rows_per_file)
+            frame = frame.repartitionByRange(files, *self.keys).sortWithinPartitions(*self.keys)
         writer = (
             frame.write.format("delta")
             .mode("append")

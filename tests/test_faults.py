@@ -99,6 +99,7 @@ def test_target_converges_to_the_source_through_repeated_sigkills(
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     log = tmp_path / "job.log"
+    log.touch()
     kills = {"external": 0, "in_batch": 0}
     try:
         run = 0

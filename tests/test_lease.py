@@ -127,3 +127,28 @@ def test_a_job_that_lost_its_lease_is_told_to_stop(tmp_path: Path) -> None:
     assert lost and "lease lost to pid 1 on another-host" in lost[0]
     # The new holder's lease is left alone.
     assert (tmp_path / LEASE_DIR / f"{2:020d}.json").exists()
+
+
+def test_deltavec_run_on_a_checkpoint_in_use_exits_with_one_line_and_touches_nothing(
+    tmp_path: Path,
+) -> None:
+    from tests.conftest import write_config
+
+    config = write_config(tmp_path)
+    running = _lease(tmp_path / "checkpoint")  # what a running job holds
+    running.acquire()
+    running.start_heartbeat()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "streaming.cli", "run", "--once", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        running.release()
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"deltavec: error: checkpoint {tmp_path / 'checkpoint'} is in use")
+    assert f"pid {running.pid}" in error
+    assert not (tmp_path / "target").exists()

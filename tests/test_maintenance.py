@@ -64,7 +64,8 @@ def test_a_real_delta_conflict_with_optimize_is_retried_and_applied_once(
     def merge() -> None:
         nonlocal attempts
         attempts += 1
-        source = spark.range(95, 105).withColumn("v", gate(F.lit("new")))
+        # One partition: the held task takes one of the two task slots, OPTIMIZE the other.
+        source = spark.range(95, 105, numPartitions=1).withColumn("v", gate(F.lit("new")))
         (
             DeltaTable.forPath(spark, path)
             .alias("t")
