@@ -1,7 +1,7 @@
 """A process that keeps changing a source table, as its real writers would.
 
 Run as ``python -m tests.source_mutator SOURCE STOP_FILE LEDGER [SEED]``: until
-STOP_FILE exists it commits, every few tenths of a second, one of: new rows, new
+STOP_FILE exists it commits, every second or two, one of: new rows, new
 text for some rows, an edit of a column the template does not read, deletes, or a
 MERGE that updates some keys and inserts others. It writes through ``deltalake``
 (no JVM), so the job under test is the only Spark on the machine. At the end it
@@ -139,7 +139,9 @@ def mutate(source: str, stop_file: Path, ledger_path: Path, seed: int) -> None:
             for i, t, a in zip(ids, titles, abs_, strict=True):
                 live[i], abstracts[i] = f"{t} [SEP] {a}", a
         counts[op] = counts.get(op, 0) + 1
-        time.sleep(rng.uniform(0.2, 0.8))
+        # About one commit every two seconds: a lively table, and a backlog the
+        # job can drain between kills.
+        time.sleep(rng.uniform(1.0, 3.0))
     ledger_path.write_text(json.dumps({"live": live, "commits": counts}))
 
 
