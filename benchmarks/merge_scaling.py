@@ -4,7 +4,9 @@ For each target size (10k, 100k, 1M rows by default) a target is built with
 synthetic 384-dim vectors, laid out as deltavec lays it out (sorted by key, at most
 ``--rows-per-file`` rows per file). Then 1,000-row micro-batches of mixed changes
 (50% updates and 20% deletes of random existing keys, 30% new keys) are written to
-it with each strategy, restoring the table to its built version in between:
+it with each strategy, restoring the table to its built version in between, and
+the sizes taking turns batch by batch (so load drifting on a shared machine weighs
+on every size alike):
 
 * ``naive``: what deltavec did first: the unchanged-text lookup reads every target
   row, and one MERGE whose condition only equates keys inserts, updates and deletes.
@@ -198,71 +200,85 @@ def deltalake_reads(path: Path, rows_expected: int) -> bool:
 
 def measure(
     spark: Any,
-    path: Path,
-    rows: int,
+    workdir: Path,
+    sizes: list[int],
     *,
     strategies: list[str],
     batches: int,
     batch_size: int,
     rows_per_file: int,
     log: list[dict[str, Any]],
-) -> dict[str, float]:
-    built = time.perf_counter()
-    base = build_target(spark, path, rows, rows_per_file)
-    print(
-        f"  built {rows:,} rows in {table_files(spark, path):,} files "
-        f"({time.perf_counter() - built:.0f}s)",
-        flush=True,
-    )
-    result = {}
+) -> dict[int, dict[str, float]]:
+    """Median seconds per batch for every (size, strategy).
+
+    Batches for the different sizes run interleaved (10k, 100k, 1M, 10k, ...), so a
+    shared machine's load, which drifts over minutes, weighs on every size alike.
+    """
+    bases = {}
+    for rows in sizes:
+        built = time.perf_counter()
+        bases[rows] = build_target(spark, workdir / f"target_{rows}", rows, rows_per_file)
+        print(
+            f"built {rows:,} rows in {table_files(spark, workdir / f'target_{rows}'):,} files "
+            f"({time.perf_counter() - built:.0f}s)",
+            flush=True,
+        )
+    results: dict[int, dict[str, float]] = {rows: {} for rows in sizes}
     for strategy in strategies:
-        spark.sql(f"RESTORE TABLE delta.`{path}` TO VERSION AS OF {base}")
         layout = Layout(
             max_rows_per_file=rows_per_file, deletion_vectors=strategy == "deletion_vectors"
         )
-        if layout.deletion_vectors:
-            spark.sql(
-                f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES "
-                "('delta.enableDeletionVectors' = 'true')"
+        writers = {}
+        for rows in sizes:
+            path = workdir / f"target_{rows}"
+            spark.sql(f"RESTORE TABLE delta.`{path}` TO VERSION AS OF {bases[rows]}")
+            if layout.deletion_vectors:
+                spark.sql(
+                    f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES "
+                    "('delta.enableDeletionVectors' = 'true')"
+                )
+            writers[rows] = TargetWriter(
+                target=TableRef(path=str(path)),
+                keys=["id"],
+                model_identity=MODEL_ID,
+                dim=DIMENSIONS,
+                layout=layout,
             )
-        writer = TargetWriter(
-            target=TableRef(path=str(path)),
-            keys=["id"],
-            model_identity=MODEL_ID,
-            dim=DIMENSIONS,
-            layout=layout,
-        )
-        seconds = []
+        seconds: dict[int, list[float]] = {rows: [] for rows in sizes}
         for b in range(batches):
-            batch = make_batch(spark, rows, batch_size, b, seed=rows + b)
-            batch.count()
-            started = time.perf_counter()
-            if strategy == "naive":
-                write_naive(spark, path, batch)
-            else:
-                write_deltavec(spark, writer, batch, batch_id=b)
-            seconds.append(time.perf_counter() - started)
-            batch.unpersist()
-        live = spark.read.format("delta").load(str(path)).count()
-        readable = deltalake_reads(path, live)
-        median = statistics.median(seconds)
-        result[strategy] = median
-        entry = {
-            "rows": rows,
-            "strategy": strategy,
-            "seconds_per_batch": round(median, 2),
-            "batches": [round(s, 2) for s in seconds],
-            "files_after": table_files(spark, path),
-            "deltalake_readable": readable,
-        }
-        log.append(entry)
-        print(
-            f"  {strategy:<17} {median:6.2f} s/batch  (batches: "
-            f"{', '.join(f'{s:.2f}' for s in seconds)}; files after: {entry['files_after']:,}; "
-            f"deltalake reads it: {'yes' if readable else 'no'})",
-            flush=True,
-        )
-    return result
+            for rows in sizes:
+                path = workdir / f"target_{rows}"
+                batch = make_batch(spark, rows, batch_size, b, seed=rows + b)
+                batch.count()
+                started = time.perf_counter()
+                if strategy == "naive":
+                    write_naive(spark, path, batch)
+                else:
+                    write_deltavec(spark, writers[rows], batch, batch_id=b)
+                seconds[rows].append(time.perf_counter() - started)
+                batch.unpersist()
+        for rows in sizes:
+            path = workdir / f"target_{rows}"
+            live = spark.read.format("delta").load(str(path)).count()
+            median = statistics.median(seconds[rows])
+            results[rows][strategy] = median
+            entry = {
+                "rows": rows,
+                "strategy": strategy,
+                "seconds_per_batch": round(median, 2),
+                "batches": [round(x, 2) for x in seconds[rows]],
+                "files_after": table_files(spark, path),
+                "deltalake_readable": deltalake_reads(path, live),
+            }
+            log.append(entry)
+            print(
+                f"{rows:>9,} rows  {strategy:<17} {median:6.2f} s/batch  (batches: "
+                f"{', '.join(f'{x:.2f}' for x in seconds[rows])}; files after: "
+                f"{entry['files_after']:,}; deltalake reads it: "
+                f"{'yes' if entry['deltalake_readable'] else 'no'})",
+                flush=True,
+            )
+    return results
 
 
 def main() -> None:
@@ -291,22 +307,18 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="deltavec-merge-"))
     sizes = [int(s) for s in args.sizes.split(",")]
     strategies = [s for s in STRATEGIES if s in args.strategies.split(",")]
-    results: dict[int, dict[str, float]] = {}
     log: list[dict[str, Any]] = []
     try:
-        for rows in sizes:
-            print(f"target of {rows:,} rows, {args.batch_size:,}-row batches", flush=True)
-            results[rows] = measure(
-                spark,
-                workdir / f"target_{rows}",
-                rows,
-                strategies=strategies,
-                batches=args.batches,
-                batch_size=args.batch_size,
-                rows_per_file=args.rows_per_file,
-                log=log,
-            )
-            shutil.rmtree(workdir / f"target_{rows}", ignore_errors=True)
+        results = measure(
+            spark,
+            workdir,
+            sizes,
+            strategies=strategies,
+            batches=args.batches,
+            batch_size=args.batch_size,
+            rows_per_file=args.rows_per_file,
+            log=log,
+        )
     finally:
         spark.stop()
         if args.workdir is None:

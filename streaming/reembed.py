@@ -54,6 +54,7 @@ from streaming.columns import (
 )
 from streaming.config import DeltavecConfig, TableRef
 from streaming.errors import CheckpointError, TargetError
+from streaming.merge import session_settings
 from streaming.target import DIM_PROPERTY, MODEL_PROPERTY
 
 if TYPE_CHECKING:
@@ -312,8 +313,6 @@ class Reembed:
         name = cfg.target.table or f"delta.`{cfg.target.path}`"
         listed = ", ".join(f"'{_sql(k)}' = '{_sql(v)}'" for k, v in sorted(properties.items()))
         order = ", ".join(f"`{k}`" for k in keys)
-        from streaming.merge import session_settings
-
         # Sorted by key in small files: the layout the job's MERGE relies on.
         with session_settings(
             spark, {"spark.sql.files.maxRecordsPerFile": str(cfg.target.max_rows_per_file)}
