@@ -17,10 +17,13 @@ measures them):
   has no insert clause. Both commits carry (app id, batch id), so a replay writes
   neither twice.
 * **Rewritten files keep their key range.** The MERGE broadcasts the (small) batch
-  and reads each touched file in its own task, so each rewritten file holds the
-  same keys as the file it replaces and the table stays clustered by key. (A
-  shuffle join would scatter every rewritten row over the whole key range, and the
-  next batch would have to touch those files again.)
+  and, when the batch's keys fit the ranges exactly, reads each touched file in its
+  own task, so each rewritten file holds the same keys as the file it replaces and
+  the table stays clustered by key. (A shuffle join would scatter every rewritten
+  row over the whole key range, and the next batch would have to touch those files
+  again.) Keys scattered over the whole table touch most files whatever the
+  layout; then files are packed into few tasks, and a periodic
+  ``OPTIMIZE … ZORDER BY (key)`` restores the clustering.
 
 Without deletion vectors a changed row still costs rewriting the file that holds
 it; ``target.deletion_vectors = true`` makes Delta mark the old row deleted and
@@ -287,7 +290,11 @@ class TargetWriter:
             f"OR t.`{SOURCE_VERSION}` <= s.`{BATCH_SOURCE_VERSION}`)"
         )
         settings = {TXN_APP_ID: app_id, TXN_VERSION: str(batch_id)}
-        if not self.layout.deletion_vectors:
+        # Keeping each rewritten file's key range only pays while the ranges prune
+        # precisely. Keys scattered over the whole table (more runs than ranges) touch
+        # most files anyway, and one task per file would only add task overhead.
+        precise = ranges is not None and len(ranges) < self.layout.max_key_ranges
+        if precise and not self.layout.deletion_vectors:
             settings["spark.sql.files.maxPartitionBytes"] = _ONE_FILE_PER_TASK
             settings["spark.sql.files.openCostInBytes"] = _ONE_FILE_PER_TASK
 
