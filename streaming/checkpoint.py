@@ -7,6 +7,7 @@ S3, ABFS, GCS, HDFS or DBFS works the same as a local folder.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,8 @@ from streaming.tables import hadoop_fs, read_text
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
 
 _APP_ID_PREFIX = "deltavec-"
 LAST_BATCH_NOTE = "_deltavec/last_batch.json"
@@ -26,6 +29,8 @@ class DeltaOffset:
     reservoir_id: str
     reservoir_version: int
     index: int
+    # True while the stream still reads the table's starting snapshot, which already
+    # holds the effect of every commit up to ``reservoir_version``.
     is_starting_version: bool = False
 
     @property
@@ -49,6 +54,11 @@ class DeltaOffset:
         if self.index == -1:
             return self.reservoir_version - 1
         return -1 if self.is_starting_version else self.reservoir_version - 1
+
+    @property
+    def covered_through(self) -> int:
+        """The newest source commit a stream at this offset has moved past (read or skipped)."""
+        return self.reservoir_version if self.is_starting_version else self.last_version
 
 
 class Checkpoint:
@@ -97,7 +107,14 @@ class Checkpoint:
 
     def last_committed_batch(self) -> int | None:
         """The newest batch id Spark marked done in ``commits/``."""
-        path = self._Path(f"{self.location}/commits")
+        return self._newest("commits")
+
+    def last_planned_batch(self) -> int | None:
+        """The newest batch id Spark wrote an offset for (it may not have run yet)."""
+        return self._newest("offsets")
+
+    def _newest(self, folder: str) -> int | None:
+        path = self._Path(f"{self.location}/{folder}")
         if not self._fs.exists(path):
             return None
         ids = [
@@ -110,7 +127,13 @@ class Checkpoint:
     def notes(self) -> dict[str, Any]:
         """deltavec's own record in the checkpoint (source table id, model)."""
         text = self._read("_deltavec/job.json")
-        return dict(json.loads(text)) if text else {}
+        try:
+            return dict(json.loads(text)) if text else {}
+        except ValueError:
+            # A process killed while writing them leaves them cut short; the job
+            # writes them again after its checks.
+            log.warning("checkpoint %s: unreadable _deltavec/job.json, ignored", self.location)
+            return {}
 
     def write_notes(self, notes: dict[str, Any]) -> None:
         self.write_text("_deltavec/job.json", json.dumps(notes, indent=2, sort_keys=True))

@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from streaming.errors import DeltavecError
@@ -77,6 +78,23 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(status)
     status.add_argument("--json", action="store_true", help="print JSON, for scripts")
     status.set_defaults(command=cmd_status)
+
+    reembed = sub.add_parser(
+        "reembed",
+        help="re-embed the target with another model, switching consumers over at once",
+    )
+    _config_arg(reembed)
+    reembed.add_argument(
+        "--model", required=True, help='the new model: "default", a folder or a Hugging Face id'
+    )
+    reembed.add_argument("--revision", default=None, help="Hugging Face revision of the model")
+    reembed.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=5000,
+        help="rows embedded per resumable step (default 5000)",
+    )
+    reembed.set_defaults(command=cmd_reembed)
 
     demo = sub.add_parser("demo", help="write a sample source table, embed it, search it")
     _config_arg(demo)
@@ -152,6 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "unchanged": summary.unchanged,
                 "deleted": summary.deleted,
                 "quarantined": summary.quarantined,
+                "skipped_change_commits": summary.skipped_change_commits,
                 "seconds": round(summary.seconds, 1),
             }
         )
@@ -216,6 +235,51 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = job_status(spark, config)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
+
+
+def cmd_reembed(args: argparse.Namespace) -> int:
+    from streaming.config import load_config
+    from streaming.reembed import Reembed
+
+    config = load_config(args.config)
+    with _progress("re-embedding") as progress:
+        report = Reembed(
+            config,
+            model=args.model,
+            revision=args.revision,
+            chunk_rows=args.chunk_rows,
+            progress=progress,
+        ).run()
+    print(
+        json.dumps(
+            {
+                "model_from": report.model_from,
+                "model_to": report.model_to,
+                "source_version": report.source_version,
+                "rows": report.rows,
+                "embedded": report.embedded,
+                "reused": report.reused,
+                "failed": report.failed,
+                "switched": report.switched,
+                "seconds": round(report.seconds, 1),
+            }
+        )
+    )
+    print(
+        f"deltavec: the target now holds {report.model_to}; set model.name = "
+        f"{args.model!r} in {args.config} before the next 'deltavec run'",
+        file=sys.stderr,
+    )
+    return 0
+
+
+@contextmanager
+def _progress(what: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on a terminal, throttled log lines otherwise."""
+    from streaming.progress import Progress
+
+    with Progress(None, task=what) as progress:
+        yield progress.update
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -114,6 +114,13 @@ class TargetConfig(TableRef):
     # Rows that cannot be embedded land here; by default next to the target.
     quarantine_path: str | None = None
     quarantine_table: str | None = None
+    # Rows per file the job appends. A changed row costs rewriting the file that
+    # holds it, so small files keep a MERGE cheap on a large target.
+    max_rows_per_file: int = Field(default=2000, gt=0)
+    # Deletion vectors make updates and deletes rewrite no files, but the deltalake
+    # (delta-rs) reader search consumers use cannot read such tables yet: opt in only
+    # when every consumer reads through Spark or another DV-aware reader.
+    deletion_vectors: bool = False
 
     _absolute_quarantine = field_validator("quarantine_path")(absolute_path)
 
@@ -128,6 +135,9 @@ class TargetConfig(TableRef):
 
 class CheckpointConfig(_Section):
     location: str = "checkpoints/deltavec"
+    # Seconds without a heartbeat after which another job may take the checkpoint
+    # over. A job killed on this host is taken over at once; on another host, after this.
+    lease_seconds: float = Field(default=30.0, ge=3.0)
 
     _absolute = field_validator("location")(absolute_path)
 

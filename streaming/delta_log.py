@@ -170,3 +170,24 @@ def row_count(spark: SparkSession, ref: TableRef) -> int | None:
         return None
     rows = frame.collect()
     return int(rows[0][0]) if rows else 0
+
+
+# A batch normally covers a few commits; a stream that fell far behind is told
+# about the first ones only, rather than paying for reading thousands of files.
+MAX_COMMITS_READ = 500
+
+
+def change_commits(spark: SparkSession, ref: TableRef, *, after: int, through: int) -> list[int]:
+    """Versions in ``(after, through]`` whose commit removes rows (UPDATE, DELETE, MERGE...).
+
+    That is Delta's own test for a commit ``skipChangeCommits`` skips: it holds a
+    ``remove`` action with ``dataChange`` true. Commits whose log file is gone
+    (log retention) are not reported.
+    """
+    history = DeltaLog(spark, ref)
+    found = []
+    for version in range(after + 1, min(through, after + MAX_COMMITS_READ) + 1):
+        commit = history.commit(version)
+        if commit is not None and commit.data_removes > 0:
+            found.append(version)
+    return found

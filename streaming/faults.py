@@ -2,9 +2,11 @@
 
 Set ``DELTAVEC_TEST_FAULTS`` to a comma-separated list of ``point:action[:probability]``:
 
-* points: ``before_merge`` (embedded, nothing written yet) and ``after_merge``
-  (target and quarantine committed, Spark's checkpoint commit not yet written:
-  the window where a crash makes Spark replay a batch Delta already holds);
+* points: ``before_merge`` (embedded, nothing written yet), ``between_writes``
+  (the MERGE of existing keys committed, the append of new keys not yet),
+  ``after_merge`` (target and quarantine committed, Spark's checkpoint commit not
+  yet written: the window where a crash makes Spark replay a batch Delta already
+  holds), and ``reembed_chunk`` / ``before_swap`` in ``deltavec reembed``;
 * actions: ``kill`` sends SIGKILL to this process (a crashed driver), ``raise``
   raises ``InjectedFault`` once per process (a failed batch).
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar, cast
 
@@ -38,6 +41,8 @@ def maybe_fail(point: str) -> None:
         if name != point or random.random() >= float(chance or 1.0):
             continue
         if action == "kill":
+            # One line first, so a test can tell where the process died.
+            print(f"deltavec-fault: kill at {point}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         elif action == "raise" and point not in _fired:
             _fired.add(point)
@@ -53,7 +58,10 @@ class _PoisonedEncoder:
     def __init__(self, encoder: Any, marker: str) -> None:
         self._encoder = encoder
         self._marker = marker
-        self.dim = encoder.dim
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything but encode (dim, device, dtype, ...) is the real encoder's.
+        return getattr(self._encoder, name)
 
     def encode(self, texts: Sequence[str]) -> Any:
         if any(self._marker in text for text in texts):

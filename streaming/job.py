@@ -8,6 +8,7 @@ touches no table.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -20,6 +21,8 @@ from streaming.checkpoint import Checkpoint
 from streaming.config import DeltavecConfig
 from streaming.encoder import EncoderSpec
 from streaming.errors import CheckpointError
+from streaming.lease import CheckpointLease, store_for
+from streaming.merge import Layout
 from streaming.sink import BatchReport, MergeSink, StopRequested
 from streaming.udf import EmbedBatches, get_encoder
 
@@ -47,6 +50,7 @@ class RunSummary:
     deleted: int = 0
     quarantined: int = 0
     duplicates: int = 0
+    skipped_change_commits: int = 0
     seconds: float = 0.0
     reports: list[BatchReport] = field(default_factory=list)
 
@@ -58,6 +62,7 @@ class RunSummary:
         self.deleted += report.deletes
         self.quarantined += report.quarantined_total
         self.duplicates += report.duplicates
+        self.skipped_change_commits += report.skipped_change_commits
         self.reports.append(report)
 
 
@@ -74,6 +79,7 @@ class Job:
         self._stop = threading.Event()
         self._batch_listeners: list[Callable[[BatchReport], None]] = [self._record_batch]
         self._starts = 0
+        self.lease: CheckpointLease | None = None
 
     @property
     def spark(self) -> SparkSession:
@@ -134,6 +140,11 @@ class Job:
         mistake in any of them leaves every table and the checkpoint untouched.
         """
         cfg = self.config
+        # A running job's checkpoint is leased at once, so a second job is refused
+        # before Spark even starts; a new checkpoint only once every read-only check
+        # passed, so a mistake leaves no folder behind.
+        if _local_folder_exists(cfg.checkpoint.location):
+            self.take_lease()
         spark = self.spark
         schema = source.check_source(spark, cfg.source)
         keys = source.key_fields(schema, cfg.source.key)
@@ -143,6 +154,7 @@ class Job:
         checkpoint = Checkpoint(spark, cfg.checkpoint.location)
         notes = self._checked_checkpoint_notes(spark, checkpoint)
 
+        self.take_lease()
         target.ensure_target(
             spark,
             cfg.target,
@@ -155,9 +167,34 @@ class Job:
                 source=cfg.source,
                 template=cfg.source.template,
             ),
+            deletion_vectors=cfg.target.deletion_vectors,
         )
         target.ensure_quarantine(spark, cfg.target.quarantine)
         checkpoint.write_notes(notes)
+
+    def take_lease(self) -> None:
+        """Hold the checkpoint's lease until ``close``: a second job on it is refused."""
+        if self.lease is not None:
+            return
+        location = self.config.checkpoint.location
+        # A local checkpoint is leased before Spark starts, so a second job is
+        # refused in a second rather than after a JVM start.
+        local = location.startswith(("/", "file:"))
+        lease = CheckpointLease(
+            store_for(location, None if local else self.spark),
+            location=location,
+            ttl_s=self.config.checkpoint.lease_seconds,
+            on_lost=lambda _: self.request_stop(),
+        )
+        lease.acquire()
+        lease.start_heartbeat()
+        self.lease = lease
+
+    def close(self) -> None:
+        """Give the checkpoint's lease back (``run`` does this itself)."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
     def _checked_checkpoint_notes(
         self, spark: SparkSession, checkpoint: Checkpoint
@@ -227,6 +264,11 @@ class Job:
             on_batch=list(self._batch_listeners),
             app_id=app_id,
             source_columns=lambda: tables.read(self.spark, cfg.source).columns,
+            source=cfg.source,
+            layout=Layout(
+                max_rows_per_file=cfg.target.max_rows_per_file,
+                deletion_vectors=cfg.target.deletion_vectors,
+            ),
         )
 
     def start(self, *, once: bool) -> StreamingQuery:
@@ -288,6 +330,7 @@ class Job:
                 bar.close()
             if monitor is not None:
                 monitor.stop()
+            self.close()
             summary.seconds = time.perf_counter() - started
         return summary
 
@@ -374,6 +417,11 @@ class Job:
 
 def _nothing() -> None:
     pass
+
+
+def _local_folder_exists(location: str) -> bool:
+    path = location.removeprefix("file:") if location.startswith("file:/") else location
+    return path.startswith("/") and os.path.isdir(path)
 
 
 def _is_stop(error: BaseException) -> bool:

@@ -97,6 +97,14 @@ class Progress:
             # Log lines print above the bar instead of through it.
             self._exit.enter_context(logging_redirect_tqdm())
 
+    def update(self, done: int, total: int | None) -> None:
+        """Set how much is done of how much in all (for work that reports totals)."""
+        if total is not None and total != self.total:
+            self.total = total
+            if self._bar is not None:
+                self._bar.total = total
+        self.advance(done - self.done)
+
     def advance(self, n: int) -> None:
         """Record ``n`` more units done."""
         if self._closed:

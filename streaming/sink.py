@@ -18,16 +18,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from streaming import changes, faults, tables
+from streaming import changes, delta_log, faults, tables
 from streaming.checkpoint import Checkpoint
 from streaming.columns import (
     BATCH_SOURCE_VERSION,
     BATCH_TEXT_HASH,
     DELETE,
-    DIM,
-    EMBEDDED_AT,
     EMBEDDING,
     ENCODE_STATS,
     ENCODE_STATS_FIELDS,
@@ -35,16 +33,14 @@ from streaming.columns import (
     ERROR_MESSAGE,
     IS_DUPLICATE,
     KEY_JSON,
-    MODEL,
     OP,
     PROBLEM,
-    SOURCE_VERSION,
     TEXT,
-    TEXT_HASH,
     UPSERT,
 )
 from streaming.config import TableRef
 from streaming.logs import kv
+from streaming.merge import ACTION, EXISTS, TARGET_HASH, TARGET_MODEL, Layout, TargetWriter
 from streaming.retry import retry_conflicts
 from streaming.source import check_batch_columns
 
@@ -58,7 +54,6 @@ log = logging.getLogger(__name__)
 
 TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
 TXN_VERSION = "spark.databricks.delta.write.txnVersion"
-_ACTION = "_action"
 _VALUE_CHARS = 1000
 
 
@@ -87,6 +82,9 @@ class BatchReport:
     gpu_memory: dict[str, int] = field(default_factory=dict)
     device: str | None = None
     dtype: str | None = None
+    # Append mode: source commits this batch moved past without reading, because
+    # they update or delete rows (Delta's skipChangeCommits).
+    skipped_change_commits: int = 0
 
     @property
     def quarantined_total(self) -> int:
@@ -117,6 +115,9 @@ class MergeSink:
         app_id: Delta txnAppId; by default derived from the checkpoint's query id.
         source_columns: returns the source table's current columns; checked before
             each batch so a dropped key or template column stops the job.
+        source: the source table; in append mode its log tells which update and
+            delete commits the stream skipped.
+        layout: how the target's files are written (see ``streaming.merge``).
     """
 
     def __init__(
@@ -136,7 +137,13 @@ class MergeSink:
         on_batch: list[object] | None = None,
         app_id: str | None = None,
         source_columns: Callable[[], list[str]] | None = None,
+        source: TableRef | None = None,
+        layout: Layout | None = None,
     ) -> None:
+        self.source = source
+        self.writer = TargetWriter(
+            target=target, keys=keys, model_identity=model_identity, dim=dim, layout=layout
+        )
         self.target = target
         self.quarantine = quarantine
         self.checkpoint = checkpoint
@@ -197,6 +204,8 @@ class MergeSink:
         if source_version is None:
             offset = self.checkpoint.offset(batch_id)
             report.source_version = offset.last_version if offset else None
+            if self.mode == "append":
+                self._note_skipped_commits(spark, batch_id, report)
 
         with clock("read"):
             acts = changes.actions(
@@ -208,14 +217,21 @@ class MergeSink:
                 batch_version=report.source_version,
             ).persist(StorageLevel.MEMORY_AND_DISK)
             self._count_actions(acts, report)
+            keyed = acts.where(~F.col(IS_DUPLICATE) & ~changes.any_null(self.keys))
+            # The target rows of this batch's keys, read once from the files whose key
+            # range can hold them: for skipping unchanged text and for the MERGE.
+            ranges = self.writer.batch_ranges(keyed)
+            existing = self.writer.existing(spark, keyed, ranges).persist(
+                StorageLevel.MEMORY_AND_DISK
+            )
 
         with clock("embed"):
             good = acts.where(
                 (F.col(OP) == UPSERT) & F.col(PROBLEM).isNull() & ~F.col(IS_DUPLICATE)
             )
-            candidates = self._skip_unchanged(spark, good)
+            candidates = self._skip_unchanged(good, existing)
             inputs = self._spread(candidates).select(
-                *self.keys, BATCH_SOURCE_VERSION, TEXT, BATCH_TEXT_HASH, KEY_JSON
+                *self.keys, BATCH_SOURCE_VERSION, TEXT, BATCH_TEXT_HASH, KEY_JSON, EXISTS
             )
             embed, schema = self._embedder(inputs.schema)
             embedded = inputs.mapInArrow(embed, schema).persist(StorageLevel.MEMORY_AND_DISK)
@@ -226,14 +242,39 @@ class MergeSink:
             faults.maybe_fail("before_merge")
             with clock("merge"):
                 if report.embedded or report.deletes or report.quarantined:
-                    self._merge_target(spark, acts, embedded, batch_id)
+                    self._merge_target(spark, acts, embedded, existing, batch_id, ranges)
                 self._merge_quarantine(spark, acts, embedded, batch_id, report)
             faults.maybe_fail("after_merge")
         finally:
             embedded.unpersist()
+            existing.unpersist()
             acts.unpersist()
         log.info("%s", _batch_line(report))
         return report
+
+    def _note_skipped_commits(
+        self, spark: SparkSession, batch_id: int, report: BatchReport
+    ) -> None:
+        """Count (and warn about) the update/delete commits an append stream skipped."""
+        end = self.checkpoint.offset(batch_id)
+        start = self.checkpoint.offset(batch_id - 1) if batch_id > 0 else None
+        # A new stream's first batches read the starting snapshot, which already
+        # holds every earlier update and delete: nothing was skipped before it.
+        if end is None or start is None or self.source is None:
+            return
+        versions = delta_log.change_commits(
+            spark, self.source, after=start.covered_through, through=end.covered_through
+        )
+        report.skipped_change_commits = len(versions)
+        if versions:
+            log.warning(
+                "batch %d: skipped %d source commit(s) that update or delete rows (versions %s); "
+                "mode 'append' only embeds new rows, so those changes are not in the target: "
+                "set source.mode = 'changes' to follow updates and deletes",
+                batch_id,
+                len(versions),
+                ", ".join(map(str, versions[:10])) + (", ..." if len(versions) > 10 else ""),
+            )
 
     def _count_actions(self, acts: DataFrame, report: BatchReport) -> None:
         from pyspark.sql import functions as F
@@ -288,16 +329,22 @@ class MergeSink:
         )
         return replace(self.embed, output_names=tuple(schema.names)), schema
 
-    def _skip_unchanged(self, spark: SparkSession, good: DataFrame) -> DataFrame:
-        """Drop upserts whose text the target already embedded with this model."""
+    def _skip_unchanged(self, good: DataFrame, existing: DataFrame) -> DataFrame:
+        """Drop upserts whose text the target already embedded with this model.
+
+        The rows kept carry ``_exists``: whether the target holds their key.
+        """
         from pyspark.sql import functions as F
 
-        existing = (
-            tables.read(spark, self.target)
-            .where(F.col(MODEL) == self.model_identity)
-            .select(*self.keys, F.col(TEXT_HASH).alias(BATCH_TEXT_HASH))
+        joined = good.join(existing, on=self.keys, how="left")
+        unchanged = (F.col(TARGET_HASH) == F.col(BATCH_TEXT_HASH)) & (
+            F.col(TARGET_MODEL) == F.lit(self.model_identity)
         )
-        return good.join(existing, on=[*self.keys, BATCH_TEXT_HASH], how="left_anti")
+        return (
+            joined.where(~F.coalesce(unchanged, F.lit(False)))
+            .withColumn(EXISTS, F.col(TARGET_HASH).isNotNull())
+            .drop(TARGET_HASH, TARGET_MODEL)
+        )
 
     def _spread(self, frame: DataFrame) -> DataFrame:
         # A micro-batch of one or two small files arrives as one or two partitions;
@@ -319,13 +366,20 @@ class MergeSink:
             spark.conf.unset(TXN_VERSION)
 
     def _merge_target(
-        self, spark: SparkSession, acts: DataFrame, embedded: DataFrame, batch_id: int
+        self,
+        spark: SparkSession,
+        acts: DataFrame,
+        embedded: DataFrame,
+        existing: DataFrame,
+        batch_id: int,
+        ranges: list[Any] | None,
     ) -> None:
         from pyspark.sql import functions as F
 
         upserts = embedded.where(F.col(ERROR_CODE).isNull()).select(
             *self.keys,
-            F.lit(UPSERT).alias(_ACTION),
+            F.lit(UPSERT).alias(ACTION),
+            F.col(EXISTS),
             F.col(EMBEDDING),
             F.col(BATCH_TEXT_HASH),
             F.col(BATCH_SOURCE_VERSION),
@@ -340,41 +394,15 @@ class MergeSink:
         failed = embedded.where(F.col(ERROR_CODE).isNotNull()).select(
             *self.keys, F.col(BATCH_SOURCE_VERSION)
         )
-        deletes = removals.unionByName(failed).withColumn(_ACTION, F.lit(DELETE))
-        source = upserts.unionByName(deletes, allowMissingColumns=True)
-
-        condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in self.keys)
-        # Never let an older source version overwrite a newer one (a late retry).
-        newer = (
-            f"(t.`{SOURCE_VERSION}` IS NULL OR s.`{BATCH_SOURCE_VERSION}` IS NULL "
-            f"OR t.`{SOURCE_VERSION}` <= s.`{BATCH_SOURCE_VERSION}`)"
+        # Only keys the target holds can be deleted.
+        deletes = (
+            removals.unionByName(failed)
+            .join(existing.select(*self.keys), on=self.keys, how="left_semi")
+            .withColumn(ACTION, F.lit(DELETE))
+            .withColumn(EXISTS, F.lit(True))
         )
-        values: dict[str, str | Column] = {
-            **{k: f"s.`{k}`" for k in self.keys},
-            EMBEDDING: f"s.`{EMBEDDING}`",
-            MODEL: F.lit(self.model_identity),
-            DIM: F.lit(self.dim),
-            TEXT_HASH: f"s.`{BATCH_TEXT_HASH}`",
-            SOURCE_VERSION: f"s.`{BATCH_SOURCE_VERSION}`",
-            EMBEDDED_AT: F.current_timestamp(),
-        }
-
-        def merge() -> None:
-            with self._txn(spark, batch_id):
-                (
-                    tables.delta_table(spark, self.target)
-                    .alias("t")
-                    .merge(source.alias("s"), condition)
-                    .whenMatchedDelete(condition=f"s.{_ACTION} = '{DELETE}' AND {newer}")
-                    .whenMatchedUpdate(
-                        condition=f"s.{_ACTION} = '{UPSERT}' AND {newer}",
-                        set={k: v for k, v in values.items() if k not in self.keys},
-                    )
-                    .whenNotMatchedInsert(condition=f"s.{_ACTION} = '{UPSERT}'", values=values)
-                    .execute()
-                )
-
-        retry_conflicts(merge, what=f"MERGE of batch {batch_id} into {self.target.name}")
+        source = upserts.unionByName(deletes, allowMissingColumns=True)
+        self.writer.write(spark, source, app_id=self.app_id, batch_id=batch_id, ranges=ranges)
 
     def _merge_quarantine(
         self,

@@ -28,6 +28,9 @@ MODEL_REVISION_PROPERTY = "deltavec.model_revision"
 SOURCE_PROPERTY = "deltavec.source"
 TEMPLATE_PROPERTY = "deltavec.template"
 
+DELETION_VECTORS_PROPERTY = "delta.enableDeletionVectors"
+STATS_COLUMNS_PROPERTY = "delta.dataSkippingStatsColumns"
+
 QUARANTINE_COLUMNS = (
     "key",
     "source_version",
@@ -92,12 +95,16 @@ def ensure_target(
     model_identity: str,
     dim: int,
     consumer_properties: dict[str, str] | None = None,
+    deletion_vectors: bool = False,
 ) -> None:
     """Create the target if it is missing; refuse one this job cannot write.
 
     Args:
         consumer_properties: more table properties for a new target, from
             ``consumer_properties()``.
+        deletion_vectors: create the target with Delta deletion vectors. Set
+            explicitly either way, since some platforms turn them on by default and
+            the deltalake reader cannot read them.
 
     Raises:
         TargetError: the table exists with another schema, keys or model.
@@ -112,6 +119,10 @@ def ensure_target(
             MODEL_PROPERTY: model_identity,
             DIM_PROPERTY: str(dim),
             KEYS_PROPERTY: ",".join(f.name for f in key_fields),
+            DELETION_VECTORS_PROPERTY: str(deletion_vectors).lower(),
+            # Statistics on the keys prune files for the MERGE; statistics on
+            # vectors and hashes would only make the log larger.
+            STATS_COLUMNS_PROPERTY: ",".join([*(f.name for f in key_fields), SOURCE_VERSION]),
             **(consumer_properties or {}),
         },
     )
@@ -146,7 +157,9 @@ def check_target(
             raise TargetError(
                 f"target {ref.name} has an incompatible schema: column {wanted.name} is missing"
             )
-        if have[wanted.name] != wanted.dataType:
+        # Types are compared without nullability: a re-embedding's CREATE OR REPLACE
+        # makes every column nullable, and deltavec never writes nulls into them.
+        if have[wanted.name].simpleString() != wanted.dataType.simpleString():
             raise TargetError(
                 f"target {ref.name} has an incompatible schema: column {wanted.name} is "
                 f"{have[wanted.name].simpleString()}, deltavec writes "

@@ -1,0 +1,363 @@
+"""Writing one micro-batch of changes into the target, at a cost set by the batch, not the table.
+
+A MERGE whose condition only equates keys joins the batch with every file of the
+target, and (without deletion vectors) rewrites every file holding a changed key.
+Three measures keep both in proportion to the batch (``benchmarks/merge_scaling.py``
+measures them):
+
+* **Key ranges in the condition.** The batch's keys, collapsed into at most
+  ``max_key_ranges`` ranges, are added to the MERGE condition and to the lookup of
+  existing rows as literal ``BETWEEN`` terms on the target's first key column.
+  Delta prunes files by their min/max statistics on such terms, so only files that
+  may hold a batch key are read. (Delta turns an ``IN`` list into one range from its
+  smallest to its largest value, which for scattered keys prunes nothing.)
+* **New keys are appended, not merged.** Keys the target does not hold yet are
+  written by a blind append, sorted by key in files of at most
+  ``max_rows_per_file`` rows; only keys that exist go through the MERGE, which then
+  has no insert clause. Both commits carry (app id, batch id), so a replay writes
+  neither twice.
+* **Rewritten files keep their key range.** The MERGE broadcasts the (small) batch
+  and, when the batch's keys fit the ranges exactly, reads each touched file in its
+  own task, so each rewritten file holds the same keys as the file it replaces and
+  the table stays clustered by key. (A shuffle join would scatter every rewritten
+  row over the whole key range, and the next batch would have to touch those files
+  again.) Keys scattered over the whole table touch most files whatever the
+  layout; then files are packed into few tasks, and a periodic
+  ``OPTIMIZE … ZORDER BY (key)`` restores the clustering.
+
+Without deletion vectors a changed row still costs rewriting the file that holds
+it; ``target.deletion_vectors = true`` makes Delta mark the old row deleted and
+write only the changed rows, but deltalake (the JVM-free reader search consumers
+use) cannot read such tables yet, so it is off by default.
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from streaming import faults, tables
+from streaming.columns import (
+    BATCH_SOURCE_VERSION,
+    BATCH_TEXT_HASH,
+    DELETE,
+    DIM,
+    EMBEDDED_AT,
+    EMBEDDING,
+    MODEL,
+    SOURCE_VERSION,
+    TEXT_HASH,
+    UPSERT,
+)
+from streaming.config import TableRef
+from streaming.retry import retry_conflicts
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+ACTION = "_action"
+EXISTS = "_exists"
+TARGET_HASH = "_target_hash"
+TARGET_MODEL = "_target_model"
+
+TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
+TXN_VERSION = "spark.databricks.delta.write.txnVersion"
+# The append's own app id: Delta keeps one increasing version per app id, and the
+# MERGE already records (app id, batch id).
+APPEND_SUFFIX = "-append"
+
+# Above this many rows the batch is not broadcast to every task of the MERGE.
+BROADCAST_ROWS = 50_000
+# Spark packs small files into one read task until a task holds this many bytes;
+# with the open cost as high, every file gets a task of its own (see the docstring).
+_ONE_FILE_PER_TASK = "1g"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the target's files are laid out and rewritten.
+
+    Attributes:
+        max_rows_per_file: rows per file written by an append; small files make a
+            changed row cheaper to rewrite, at the price of more files.
+        max_key_ranges: ranges of batch keys put into the MERGE condition. Delta
+            evaluates them over every file's statistics in one generated method;
+            past about 100 ranges that method outgrows the JVM's 64 KB limit and
+            Spark falls back to slow interpreted evaluation, with an error logged.
+        deletion_vectors: mark changed rows deleted instead of rewriting files.
+    """
+
+    max_rows_per_file: int = 2_000
+    max_key_ranges: int = 64
+    deletion_vectors: bool = False
+
+
+def key_ranges(values: Sequence[Any], max_ranges: int) -> list[tuple[Any, Any]]:
+    """Cover sorted distinct key values with at most ``max_ranges`` closed ranges.
+
+    Runs of consecutive integers become one range. Beyond ``max_ranges``, numeric
+    keys are joined across the smallest gaps first (so the ranges cover as little
+    of the key space as possible); other types are cut into equal runs.
+    """
+    ordered = sorted({v for v in values if v is not None})
+    if not ordered:
+        return []
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in ordered):
+        runs: list[tuple[Any, Any]] = []
+        for value in ordered:
+            if runs and value == runs[-1][1] + 1:
+                runs[-1] = (runs[-1][0], value)
+            else:
+                runs.append((value, value))
+    else:
+        runs = [(v, v) for v in ordered]
+    if len(runs) <= max_ranges:
+        return runs
+    if all(isinstance(lo, int | float | Decimal) for lo, _ in runs):
+        gaps = sorted(range(1, len(runs)), key=lambda i: runs[i][0] - runs[i - 1][1])
+        cuts = sorted(gaps[len(gaps) - (max_ranges - 1) :]) if max_ranges > 1 else []
+    else:
+        step = len(runs) / max_ranges
+        cuts = sorted({math.ceil(i * step) for i in range(1, max_ranges)} - {0})
+    merged = []
+    start = 0
+    for cut in [*cuts, len(runs)]:
+        merged.append((runs[start][0], runs[cut - 1][1]))
+        start = cut
+    return merged
+
+
+def ranges_predicate(column: Column, ranges: Sequence[tuple[Any, Any]]) -> Column:
+    """``column`` within any of ``ranges``, as a balanced OR tree (deep chains overflow)."""
+    from pyspark.sql import functions as F
+
+    terms = [
+        column == F.lit(lo) if lo == hi else column.between(F.lit(lo), F.lit(hi))
+        for lo, hi in ranges
+    ]
+    if not terms:
+        return F.lit(False)
+    while len(terms) > 1:
+        terms = [a | b for a, b in zip(terms[::2], terms[1::2], strict=False)] + (
+            [terms[-1]] if len(terms) % 2 else []
+        )
+    return terms[0]
+
+
+def _literal_safe(value: Any) -> bool:
+    return isinstance(value, int | float | str | bytes | bool | date | datetime | Decimal)
+
+
+class TargetWriter:
+    """Looks up and writes the target rows of one micro-batch.
+
+    Args:
+        target: the target table.
+        keys: key columns; the first one carries the file pruning.
+        model_identity: written into every row.
+        dim: the vector size, written into every row.
+        layout: file layout settings.
+    """
+
+    def __init__(
+        self,
+        *,
+        target: TableRef,
+        keys: list[str],
+        model_identity: str,
+        dim: int,
+        layout: Layout | None = None,
+    ) -> None:
+        self.target = target
+        self.keys = keys
+        self.model_identity = model_identity
+        self.dim = dim
+        self.layout = layout or Layout()
+
+    # -- reading ------------------------------------------------------------------------
+
+    def batch_ranges(self, frame: DataFrame) -> list[tuple[Any, Any]] | None:
+        """Ranges of the frame's first key column; None when they cannot be literals."""
+        first = self.keys[0]
+        values = [r[0] for r in frame.select(first).distinct().collect()]
+        if not all(_literal_safe(v) for v in values if v is not None):
+            return None
+        return key_ranges(values, self.layout.max_key_ranges)
+
+    def existing(
+        self, spark: SparkSession, frame: DataFrame, ranges: list[tuple[Any, Any]] | None
+    ) -> DataFrame:
+        """Target rows for the frame's keys: keys, ``_target_hash``, ``_target_model``.
+
+        Only files whose key statistics overlap ``ranges`` are read.
+        """
+        from pyspark.sql import functions as F
+
+        rows = tables.read(spark, self.target)
+        if ranges is not None:
+            rows = rows.where(ranges_predicate(F.col(self.keys[0]), ranges))
+        wanted = frame.select(*self.keys).distinct()
+        return rows.select(
+            *self.keys,
+            F.col(TEXT_HASH).alias(TARGET_HASH),
+            F.col(MODEL).alias(TARGET_MODEL),
+        ).join(wanted, on=self.keys, how="left_semi")
+
+    # -- writing ------------------------------------------------------------------------
+
+    def write(
+        self,
+        spark: SparkSession,
+        changes: DataFrame,
+        *,
+        app_id: str,
+        batch_id: int,
+        ranges: list[tuple[Any, Any]] | None,
+    ) -> dict[str, int]:
+        """Apply one batch: MERGE updates and deletes of existing keys, append new keys.
+
+        Args:
+            changes: one row per key with ``_action`` ("upsert"/"delete"), ``_exists``
+                (the target holds the key), and for upserts ``embedding``,
+                ``_text_hash`` and ``_source_version``.
+            app_id: the checkpoint's Delta txn app id.
+            batch_id: the micro-batch id, the Delta txn version.
+            ranges: the batch's key ranges (``batch_ranges``), or None.
+
+        Returns:
+            Rows sent to the MERGE and to the append.
+        """
+        from pyspark.sql import functions as F
+
+        counts = changes.agg(
+            F.sum(F.when(F.col(EXISTS), 1).otherwise(0)).alias("merge"),
+            F.sum(F.when(~F.col(EXISTS) & (F.col(ACTION) == UPSERT), 1).otherwise(0)).alias(
+                "append"
+            ),
+        ).first()
+        merged = int((counts["merge"] if counts else 0) or 0)
+        appended = int((counts["append"] if counts else 0) or 0)
+        if merged:
+            self._merge(spark, changes.where(F.col(EXISTS)), merged, app_id, batch_id, ranges)
+            faults.maybe_fail("between_writes")
+        if appended:
+            inserts = changes.where(~F.col(EXISTS) & (F.col(ACTION) == UPSERT))
+            self._append(inserts, appended, app_id, batch_id)
+        return {"merge": merged, "append": appended}
+
+    def _values(self) -> dict[str, str | Column]:
+        from pyspark.sql import functions as F
+
+        return {
+            EMBEDDING: F.col(f"s.`{EMBEDDING}`"),
+            MODEL: F.lit(self.model_identity),
+            DIM: F.lit(self.dim),
+            TEXT_HASH: F.col(f"s.`{BATCH_TEXT_HASH}`"),
+            SOURCE_VERSION: F.col(f"s.`{BATCH_SOURCE_VERSION}`"),
+            EMBEDDED_AT: F.current_timestamp(),
+        }
+
+    def _merge(
+        self,
+        spark: SparkSession,
+        rows: DataFrame,
+        count: int,
+        app_id: str,
+        batch_id: int,
+        ranges: list[tuple[Any, Any]] | None,
+    ) -> None:
+        from pyspark.sql import functions as F
+
+        source = F.broadcast(rows) if count <= BROADCAST_ROWS else rows
+        condition = F.lit(True)
+        for key in self.keys:
+            condition = condition & F.col(f"t.`{key}`").eqNullSafe(F.col(f"s.`{key}`"))
+        if ranges is not None:
+            condition = condition & ranges_predicate(F.col(f"t.`{self.keys[0]}`"), ranges)
+        # Never let an older source version overwrite a newer one (a late retry).
+        newer = (
+            f"(t.`{SOURCE_VERSION}` IS NULL OR s.`{BATCH_SOURCE_VERSION}` IS NULL "
+            f"OR t.`{SOURCE_VERSION}` <= s.`{BATCH_SOURCE_VERSION}`)"
+        )
+        settings = {TXN_APP_ID: app_id, TXN_VERSION: str(batch_id)}
+        # Keeping each rewritten file's key range only pays while the ranges prune
+        # precisely. Keys scattered over the whole table (more runs than ranges) touch
+        # most files anyway, and one task per file would only add task overhead.
+        precise = ranges is not None and len(ranges) < self.layout.max_key_ranges
+        if precise and not self.layout.deletion_vectors:
+            settings["spark.sql.files.maxPartitionBytes"] = _ONE_FILE_PER_TASK
+            settings["spark.sql.files.openCostInBytes"] = _ONE_FILE_PER_TASK
+
+        def merge() -> None:
+            with session_settings(spark, settings):
+                (
+                    tables.delta_table(spark, self.target)
+                    .alias("t")
+                    .merge(source.alias("s"), condition)
+                    .whenMatchedDelete(condition=f"s.{ACTION} = '{DELETE}' AND {newer}")
+                    .whenMatchedUpdate(
+                        condition=f"s.{ACTION} = '{UPSERT}' AND {newer}", set=self._values()
+                    )
+                    .execute()
+                )
+
+        retry_conflicts(merge, what=f"MERGE of batch {batch_id} into {self.target.name}")
+
+    def _append(self, rows: DataFrame, count: int, app_id: str, batch_id: int) -> None:
+        from pyspark.sql import functions as F
+
+        values = self._values()
+        frame = rows.alias("s").select(
+            *[F.col(f"s.`{k}`").alias(k) for k in self.keys],
+            *[F.col(c).alias(n) if isinstance(c, str) else c.alias(n) for n, c in values.items()],
+        )
+        # Sorted by key, so each new file covers a narrow key range the pruning can use.
+        if count <= self.layout.max_rows_per_file:
+            frame = frame.coalesce(1).sortWithinPartitions(*self.keys)
+        else:
+            # A range partitioning costs a sampling pass; only worth it for large batches.
+            files = math.ceil(count / self.layout.max_rows_per_file)
+            frame = frame.repartitionByRange(files, *self.keys).sortWithinPartitions(*self.keys)
+        writer = (
+            frame.write.format("delta")
+            .mode("append")
+            .option("maxRecordsPerFile", str(self.layout.max_rows_per_file))
+            # Per-write options rather than session settings: nothing else in the
+            # session can pick them up.
+            .option("txnAppId", app_id + APPEND_SUFFIX)
+            .option("txnVersion", str(batch_id))
+        )
+
+        def append() -> None:
+            if self.target.table:
+                writer.saveAsTable(self.target.table)
+            else:
+                writer.save(self.target.path)
+
+        retry_conflicts(append, what=f"append of batch {batch_id} to {self.target.name}")
+
+
+@contextmanager
+def session_settings(spark: SparkSession, settings: dict[str, str]) -> Iterator[None]:
+    """Set Spark session settings for the duration of a block, then restore them."""
+    previous: dict[str, str | None] = {key: spark.conf.get(key, None) for key in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, old in previous.items():
+            if old is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, old)
