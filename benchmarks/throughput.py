@@ -1,0 +1,441 @@
+"""``make bench``: five ways to embed the same texts on this machine, side by side.
+
+Variants, all on the CPU with the default model (all-MiniLM-L6-v2), fp32:
+
+* ``st_encode``: sentence-transformers ``encode`` in this process, its defaults plus
+  the best batch size of a quick sweep (the peer a user would pick);
+* ``encoder``: deltavec's encoder in this process, its defaults;
+* ``naive_udf``: the seed article's pandas UDF (model loaded inside the UDF, 20-row
+  chunks), Delta table in, Delta table out;
+* ``predict_batch_udf``: Spark's ``pyspark.ml.functions.predict_batch_udf`` around
+  sentence-transformers, Delta in, Delta out;
+* ``pipeline``: deltavec's whole streaming job (Delta source -> micro-batch ->
+  model -> MERGE into the target), in steady state: a first micro-batch loads the
+  model in every Python worker and is timed separately.
+
+The in-process variants run ``--rounds`` times, interleaved, and keep each one's
+best round, so a burst of load from another process hurts them all alike. The
+Spark variants run once each, in a fresh SparkSession (fresh Python workers), with
+``local[N]`` on all N cores. Peers get Spark's default Arrow batch (10,000 rows);
+the pipeline its own settings. Last, a single micro-batch of ``--rss-rows`` rows
+goes through the pipeline while the peak resident memory of every Python worker
+is read from ``/proc`` (Linux).
+
+The last line printed is one JSON object: rows per second per variant, the four
+ratios, and the details behind them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# Spark's Python workers import this checkout (benchmarks.peers, streaming), not
+# whatever copy of the package the interpreter has installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+)
+
+from benchmarks.corpus import mixed_texts, sentences  # noqa: E402
+
+ST_BATCH_SIZES = (16, 32, 64, 128)
+PEER_ARROW_BATCH = 10_000  # Spark's default spark.sql.execution.arrow.maxRecordsPerBatch
+WARMUP_ROWS = 64
+MIB = 1 << 20
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    cores = args.cores or os.cpu_count() or 1
+    texts = mixed_texts(args.sentences, args.paragraphs)
+    rss_texts = (
+        mixed_texts(args.rss_rows * 3 // 4, args.rss_rows - args.rss_rows * 3 // 4, seed=1)
+        if args.rss_texts == "mix"
+        else mixed_texts(args.rss_rows, 0, seed=1)
+    )
+    result: dict[str, Any] = {
+        "command": "python benchmarks/throughput.py " + " ".join(argv or sys.argv[1:]),
+        "rows": len(texts),
+        "texts": f"{args.sentences} {sentences()[1]} + {args.paragraphs} paragraphs "
+        "of 100-300 words",
+        "cores": cores,
+        "cpu": _cpu_name(),
+        "load_average_start": round(os.getloadavg()[0], 1),
+    }
+    from streaming.models import resolve_model
+
+    model_path = resolve_model("default")
+    skip = set(args.skip)
+    with tempfile.TemporaryDirectory(prefix="deltavec-bench-", dir=args.work_dir) as tmp:
+        work = Path(tmp)
+        in_process(texts, model_path, args.rounds, skip, result)
+        if "naive_udf" not in skip:
+            with _spark(cores, work, arrow_batch=PEER_ARROW_BATCH) as spark:
+                result["naive_udf"] = peer_to_delta(
+                    spark, work, texts, cores, "naive_udf", _naive(model_path)
+                )
+        if "predict_batch_udf" not in skip:
+            batch = int(result.get("st_batch_size", 32))
+            with _spark(cores, work, arrow_batch=PEER_ARROW_BATCH) as spark:
+                result["predict_batch_udf"] = peer_to_delta(
+                    spark, work, texts, cores, "predict_batch_udf", _pbu(model_path, batch)
+                )
+        if "pipeline" not in skip:
+            with _spark(cores, work) as spark:
+                result.update(pipeline(spark, work, texts, cores, args.micro_batches))
+        if "rss" not in skip:
+            with _spark(cores, work) as spark:
+                result.update(peak_memory(spark, work, rss_texts, cores))
+    result["load_average_end"] = round(os.getloadavg()[0], 1)
+    _ratios(result)
+    _print_table(result)
+    print(json.dumps(result, sort_keys=False))
+    return 0
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sentences", type=int, default=3000, help="short texts (default 3000)")
+    parser.add_argument(
+        "--paragraphs", type=int, default=1000, help="100-300 word texts (default 1000)"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="in-process rounds (best kept)")
+    parser.add_argument(
+        "--micro-batches", type=int, default=1, help="micro-batches the pipeline splits rows into"
+    )
+    parser.add_argument("--rss-rows", type=int, default=100_000, help="rows of the memory batch")
+    parser.add_argument(
+        "--rss-texts",
+        choices=("sentences", "mix"),
+        default="sentences",
+        help="texts of the memory batch: short sentences (fast) or the benchmark mix",
+    )
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help="4x the texts, and the memory batch on the mix (about an hour on 2 cores)",
+    )
+    parser.add_argument("--cores", type=int, default=None, help="Spark local[N] (default: all)")
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=("st_encode", "encoder", "naive_udf", "predict_batch_udf", "pipeline", "rss"),
+        help="variants to leave out (their ratios are then missing)",
+    )
+    parser.add_argument("--work-dir", default=None, help="where the temporary tables go")
+    args = parser.parse_args(argv)
+    if args.large:
+        args.sentences *= 4
+        args.paragraphs *= 4
+        args.rss_texts = "mix"
+    return args
+
+
+# -- in process ------------------------------------------------------------------------------
+
+
+def in_process(
+    texts: list[str], model_path: str, rounds: int, skip: set[str], result: dict[str, Any]
+) -> None:
+    """``st_encode`` and ``encoder`` (plus ``encoder_bf16``), interleaved, best round each."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from streaming.encoder import Encoder, EncoderSpec
+
+    result["torch_threads"] = torch.get_num_threads()
+    runs: dict[str, Callable[[], object]] = {}
+    if "encoder" not in skip:
+        encoder = Encoder(EncoderSpec(model=model_path, device="cpu"))
+        bf16 = Encoder(EncoderSpec(model=model_path, device="cpu", precision="bf16"))
+        _, stats = encoder.encode(texts)  # warm-up, and the padding/tokenizer report
+        result["tokens"] = stats.real_tokens
+        result["padding_ratio"] = round(stats.padding_ratio, 4)
+        result["tokenize_share"] = round(
+            stats.tokenize_seconds / (stats.tokenize_seconds + stats.forward_seconds), 4
+        )
+        result["encoder_lanes"] = encoder.lanes
+        runs["encoder"] = lambda: encoder.encode(texts)
+        runs["encoder_bf16"] = lambda: bf16.encode(texts)
+    if "st_encode" not in skip:
+        model = SentenceTransformer(model_path, device="cpu")
+        model.encode(texts[:64])
+        sample = texts[:: max(1, len(texts) // 800)]
+        sweep = {}
+        for size in ST_BATCH_SIZES:
+            started = time.perf_counter()
+            model.encode(sample, batch_size=size)
+            sweep[size] = round(len(sample) / (time.perf_counter() - started), 1)
+        best = max(sweep, key=lambda size: sweep[size])
+        result["st_batch_sweep"] = sweep
+        result["st_batch_size"] = best
+        runs["st_encode"] = lambda: model.encode(texts, batch_size=best)
+    best_seconds: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            seconds = time.perf_counter() - started
+            best_seconds[name] = min(seconds, best_seconds.get(name, math.inf))
+            _progress(f"{name}: {len(texts) / seconds:.1f} rows/s")
+    for name, seconds in best_seconds.items():
+        result[name] = round(len(texts) / seconds, 1)
+
+
+# -- Spark -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _spark(cores: int, work: Path, *, arrow_batch: int | None = None) -> Iterator[Any]:
+    """A fresh local SparkSession (and so fresh Python workers) for one variant."""
+    from streaming.session import build_session
+
+    conf = {
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.warehouse.dir": str(work / "warehouse"),
+        # Only read when this call starts the JVM (the first variant).
+        "spark.driver.memory": "2g",
+    }
+    if arrow_batch is not None:
+        conf["spark.sql.execution.arrow.maxRecordsPerBatch"] = str(arrow_batch)
+    spark = build_session(master=f"local[{cores}]", app_name="deltavec-bench", conf=conf)
+    try:
+        yield spark
+    finally:
+        spark.stop()
+
+
+def _write_source(
+    spark: Any, path: Path, texts: list[str], *, files: int, first_id: int = 0
+) -> None:
+    rows = [(first_id + i, text) for i, text in enumerate(texts)]
+    frame = spark.createDataFrame(rows, "id long, text string").repartition(files)
+    frame.write.format("delta").mode("append").save(str(path))
+
+
+def _naive(model_path: str) -> Any:
+    from benchmarks.peers import naive_udf
+
+    return naive_udf(model_path)
+
+
+def _pbu(model_path: str, batch_size: int) -> Any:
+    from benchmarks.peers import predict_batch
+
+    return predict_batch(model_path, batch_size)
+
+
+def peer_to_delta(
+    spark: Any, work: Path, texts: list[str], cores: int, name: str, udf: Any
+) -> float:
+    """Rows per second of ``udf`` reading the source table and writing a Delta table."""
+    from pyspark.sql import functions as F
+
+    source = work / f"{name}_source"
+    # One file per core: every variant reads as many partitions as there are cores.
+    _write_source(spark, source, texts, files=cores)
+    if name == "predict_batch_udf":
+        # predict_batch_udf caches the model per Python worker: load it in each first,
+        # as the pipeline's first micro-batch does.
+        spark.range(cores * 8).repartition(cores).select(
+            udf(F.lit("warm-up").cast("string"))
+        ).write.format("noop").mode("overwrite").save()
+    started = time.perf_counter()
+    frame = spark.read.format("delta").load(str(source))
+    frame.select("id", udf(F.col("text")).alias("embedding")).write.format("delta").save(
+        str(work / f"{name}_target")
+    )
+    seconds = time.perf_counter() - started
+    written = spark.read.format("delta").load(str(work / f"{name}_target")).count()
+    if written != len(texts):
+        raise RuntimeError(f"{name} wrote {written} rows, expected {len(texts)}")
+    _progress(f"{name}: {len(texts) / seconds:.1f} rows/s")
+    return round(len(texts) / seconds, 1)
+
+
+def _job_config(work: Path, name: str, cores: int, files_per_batch: int) -> Any:
+    from streaming.config import DeltavecConfig
+
+    return DeltavecConfig(
+        source={
+            "path": str(work / f"{name}_source"),
+            "key": ["id"],
+            "template": "{text}",
+            "max_files_per_trigger": files_per_batch,
+        },
+        target={"path": str(work / f"{name}_target")},
+        checkpoint={"location": str(work / f"{name}_checkpoint")},
+        spark={"master": f"local[{cores}]"},
+        metrics={"port": 0},
+    )
+
+
+def pipeline(
+    spark: Any, work: Path, texts: list[str], cores: int, micro_batches: int
+) -> dict[str, Any]:
+    """The streaming job, Delta -> MERGE, after a first micro-batch that loads the model."""
+    from streaming.job import Job
+
+    files = cores * max(1, micro_batches)
+    config = _job_config(work, "pipeline", cores, files_per_batch=cores)
+    source = work / "pipeline_source"
+    warmup = [f"warm-up text number {i}" for i in range(WARMUP_ROWS)]
+    _write_source(spark, source, warmup, files=cores, first_id=len(texts))
+    started = time.perf_counter()
+    first = Job(config, spark).run(once=True)
+    warmup_seconds = time.perf_counter() - started
+
+    _write_source(spark, source, texts, files=files)
+    started = time.perf_counter()
+    summary = Job(config, spark).run(once=True)
+    seconds = time.perf_counter() - started
+    if first.embedded != WARMUP_ROWS or summary.embedded != len(texts):
+        raise RuntimeError(
+            f"pipeline embedded {first.embedded} + {summary.embedded} rows, "
+            f"expected {WARMUP_ROWS} + {len(texts)}"
+        )
+    phases: dict[str, float] = {}
+    for report in summary.reports:
+        for phase, value in report.seconds.items():
+            phases[phase] = round(phases.get(phase, 0.0) + value, 1)
+    _progress(f"pipeline: {len(texts) / seconds:.1f} rows/s")
+    return {
+        "pipeline": round(len(texts) / seconds, 1),
+        "pipeline_seconds": round(seconds, 1),
+        "pipeline_micro_batches": summary.batches,
+        "pipeline_phase_seconds": phases,
+        "pipeline_first_batch_seconds": round(warmup_seconds, 1),
+    }
+
+
+def peak_memory(spark: Any, work: Path, texts: list[str], cores: int) -> dict[str, Any]:
+    """One micro-batch of ``len(texts)`` rows; the peak RSS of each Python worker."""
+    from streaming.job import Job
+
+    _write_source(spark, work / "rss_source", texts, files=cores * 4)
+    config = _job_config(work, "rss", cores, files_per_batch=10_000)
+    started = time.perf_counter()
+    summary = Job(config, spark).run(once=True)
+    seconds = time.perf_counter() - started
+    jvm = int(spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid())
+    workers = [pid for pid in _descendants(jvm) if "pyspark" in _cmdline(pid)]
+    peaks = [_peak_rss(pid) for pid in workers]
+    if summary.batches != 1 or summary.embedded != len(texts):
+        raise RuntimeError(
+            f"memory run embedded {summary.embedded} rows in {summary.batches} micro-batches, "
+            f"expected {len(texts)} in 1"
+        )
+    _progress(f"memory batch: {len(texts)} rows, worker peak {max(peaks) / MIB:.0f} MiB")
+    return {
+        "rss_rows": len(texts),
+        "rss_rows_per_second": round(len(texts) / seconds, 1),
+        "worker_peak_rss_mib": round(max(peaks) / MIB),
+        "python_processes": len(workers),
+        "jvm_peak_rss_mib": round(_peak_rss(jvm) / MIB),
+    }
+
+
+# -- /proc ------------------------------------------------------------------------------------
+
+
+def _descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                # The command name may hold spaces and parentheses; fields follow the last ')'.
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: list[int] = []
+    frontier = [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [child for child, parent in parents.items() if parent == pid]
+        found += children
+        frontier += children
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _peak_rss(pid: int) -> int:
+    """VmHWM: the most resident memory the process has had, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def _ratios(result: dict[str, Any]) -> None:
+    pairs = {
+        "ratio_pipeline_vs_encoder": ("pipeline", "encoder"),
+        "ratio_pipeline_vs_naive_udf": ("pipeline", "naive_udf"),
+        "ratio_pipeline_vs_predict_batch_udf": ("pipeline", "predict_batch_udf"),
+        "ratio_encoder_vs_st_encode": ("encoder", "st_encode"),
+    }
+    for key, (top, bottom) in pairs.items():
+        if top in result and bottom in result:
+            result[key] = round(result[top] / result[bottom], 3)
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    rows = [
+        ("st_encode", f"sentence-transformers encode, batch_size={result.get('st_batch_size')}"),
+        ("encoder", f"deltavec encoder, {result.get('encoder_lanes')} lanes, fp32"),
+        ("encoder_bf16", "deltavec encoder, precision=bf16 (not a target, for reference)"),
+        ("naive_udf", "pandas UDF, model loaded per call, 20-row chunks -> Delta"),
+        ("predict_batch_udf", f"predict_batch_udf(batch_size={result.get('st_batch_size')})"),
+        ("pipeline", f"deltavec job, Delta -> MERGE, {result.get('pipeline_micro_batches')} mb"),
+    ]
+    print()
+    print(f"{result['rows']} texts ({result['texts']}), {result.get('tokens', '?')} tokens")
+    print(f"{result['cores']} cores ({result['cpu']}), load average {result['load_average_start']}")
+    print(f"{'variant':<19}{'rows/s':>9}  how")
+    for name, how in rows:
+        if name in result:
+            print(f"{name:<19}{result[name]:>9.1f}  {how}")
+    for key in (k for k in result if k.startswith("ratio_")):
+        print(f"{key:<38}{result[key]:>7.3f}")
+    if "worker_peak_rss_mib" in result:
+        print(
+            f"peak Python worker RSS, {result['rss_rows']}-row micro-batch: "
+            f"{result['worker_peak_rss_mib']} MiB"
+        )
+
+
+def _progress(line: str) -> None:
+    print(f"  .. {line}", file=sys.stderr, flush=True)
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
