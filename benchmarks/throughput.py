@@ -13,10 +13,12 @@ Variants, all on the CPU with the default model (all-MiniLM-L6-v2), fp32:
   model -> MERGE into the target), in steady state: a first micro-batch loads the
   model in every Python worker and is timed separately.
 
-The in-process variants run ``--rounds`` times, interleaved, and keep each one's
-best round, so a burst of load from another process hurts them all alike. The
+The in-process variants run ``--rounds`` times and keep each one's best round:
+once before the Spark variants and again after them, so a change in the
+machine's load (other processes) during the run does not favour one side. The
 Spark variants run once each, in a fresh SparkSession (fresh Python workers), with
-``local[N]`` on all N cores. Peers get Spark's default Arrow batch (10,000 rows);
+``local[N]`` on all N cores. The 1-minute load average at each variant's best run
+is recorded beside it. Peers get Spark's default Arrow batch (10,000 rows);
 the pipeline its own settings. Last, a single micro-batch of ``--rss-rows`` rows
 goes through the pipeline while the peak resident memory of every Python worker
 is read from ``/proc`` (Linux).
@@ -81,21 +83,29 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(args.skip)
     with tempfile.TemporaryDirectory(prefix="deltavec-bench-", dir=args.work_dir) as tmp:
         work = Path(tmp)
-        in_process(texts, model_path, args.rounds, skip, result)
+        local = InProcess(texts, model_path, skip, result)
+        local.round(controls=True)
         if "naive_udf" not in skip:
             with _spark(cores, work, arrow_batch=PEER_ARROW_BATCH) as spark:
                 result["naive_udf"] = peer_to_delta(
                     spark, work, texts, cores, "naive_udf", _naive(model_path)
                 )
+                _note_load(result, "naive_udf")
         if "predict_batch_udf" not in skip:
             batch = int(result.get("st_batch_size", 32))
             with _spark(cores, work, arrow_batch=PEER_ARROW_BATCH) as spark:
                 result["predict_batch_udf"] = peer_to_delta(
                     spark, work, texts, cores, "predict_batch_udf", _pbu(model_path, batch)
                 )
+                _note_load(result, "predict_batch_udf")
         if "pipeline" not in skip:
             with _spark(cores, work) as spark:
                 result.update(pipeline(spark, work, texts, cores, args.micro_batches))
+                _note_load(result, "pipeline")
+        # The other rounds run right after the Spark variants, so a change in the
+        # machine's load between the first round and the Spark runs evens out.
+        for _ in range(args.rounds - 1):
+            local.round(controls=False)
         if "rss" not in skip:
             with _spark(cores, work) as spark:
                 result.update(peak_memory(spark, work, rss_texts, cores))
@@ -112,7 +122,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--paragraphs", type=int, default=1000, help="100-300 word texts (default 1000)"
     )
-    parser.add_argument("--rounds", type=int, default=2, help="in-process rounds (best kept)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="in-process rounds, best kept: the first before the Spark variants, "
+        "the rest after them (default 2)",
+    )
     parser.add_argument(
         "--micro-batches", type=int, default=1, help="micro-batches the pipeline splits rows into"
     )
@@ -148,64 +164,73 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 # -- in process ------------------------------------------------------------------------------
 
 
-def in_process(
-    texts: list[str], model_path: str, rounds: int, skip: set[str], result: dict[str, Any]
-) -> None:
-    """``st_encode`` and ``encoder`` (plus ``encoder_bf16``), interleaved, best round each."""
-    import torch
-    from sentence_transformers import SentenceTransformer
+class InProcess:
+    """``st_encode`` and ``encoder`` (plus ``encoder_bf16``) in this process.
 
-    from streaming.encoder import Encoder, EncoderSpec
+    Each ``round`` runs every variant once and keeps each one's best time. The
+    first round also runs the one-core controls: both libraries with one thread,
+    which shows how much of the gap is batching and how much is the use of cores.
+    """
 
-    result["torch_threads"] = torch.get_num_threads()
-    runs: dict[str, Callable[[], object]] = {}
-    # Controls, run once: both on one core with one thread, which shows how much of
-    # the gap is batching and how much is the use of several cores.
-    controls: dict[str, Callable[[], object]] = {}
-    if "encoder" not in skip:
-        started = time.perf_counter()
-        encoder = Encoder(EncoderSpec(model=model_path, device="cpu"))
-        result["model_load_seconds"] = round(time.perf_counter() - started, 1)
-        bf16 = Encoder(EncoderSpec(model=model_path, device="cpu", precision="bf16"))
-        _, stats = encoder.encode(texts)  # warm-up, and the padding/tokenizer report
-        result["tokens"] = stats.real_tokens
-        result["padding_ratio"] = round(stats.padding_ratio, 4)
-        result["tokenize_share"] = round(
-            stats.tokenize_seconds / (stats.tokenize_seconds + stats.forward_seconds), 4
-        )
-        result["encoder_lanes"] = encoder.lanes
-        one_lane = _one_thread(
-            lambda: Encoder(EncoderSpec(model=model_path, device="cpu", threads=1))
-        )
-        runs["encoder"] = lambda: encoder.encode(texts)
-        runs["encoder_bf16"] = lambda: bf16.encode(texts)
-        controls["encoder_1_thread"] = lambda: _one_thread(lambda: one_lane.encode(texts))
-    if "st_encode" not in skip:
-        model = SentenceTransformer(model_path, device="cpu")
-        model.encode(texts[:64])
-        sample = texts[:: max(1, len(texts) // 400)]
-        sweep = {}
-        for size in ST_BATCH_SIZES:
+    def __init__(
+        self, texts: list[str], model_path: str, skip: set[str], result: dict[str, Any]
+    ) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        from streaming.encoder import Encoder, EncoderSpec
+
+        self.texts = texts
+        self.result = result
+        self.best_seconds: dict[str, float] = {}
+        self.runs: dict[str, Callable[[], object]] = {}
+        self.controls: dict[str, Callable[[], object]] = {}
+        result["torch_threads"] = torch.get_num_threads()
+        if "encoder" not in skip:
             started = time.perf_counter()
-            model.encode(sample, batch_size=size)
-            sweep[size] = round(len(sample) / (time.perf_counter() - started), 1)
-        best = max(sweep, key=lambda size: sweep[size])
-        result["st_batch_sweep"] = sweep
-        result["st_batch_size"] = best
-        runs["st_encode"] = lambda: model.encode(texts, batch_size=best)
-        controls["st_encode_1_thread"] = lambda: _one_thread(
-            lambda: model.encode(texts, batch_size=best)
-        )
-    best_seconds: dict[str, float] = {}
-    for round_ in range(rounds):
-        for name, run in (runs | controls if round_ == 0 else runs).items():
+            encoder = Encoder(EncoderSpec(model=model_path, device="cpu"))
+            result["model_load_seconds"] = round(time.perf_counter() - started, 1)
+            bf16 = Encoder(EncoderSpec(model=model_path, device="cpu", precision="bf16"))
+            _, stats = encoder.encode(texts)  # warm-up, and the padding/tokenizer report
+            result["tokens"] = stats.real_tokens
+            result["padding_ratio"] = round(stats.padding_ratio, 4)
+            result["tokenize_share"] = round(
+                stats.tokenize_seconds / (stats.tokenize_seconds + stats.forward_seconds), 4
+            )
+            result["encoder_lanes"] = encoder.lanes
+            one_lane = _one_thread(
+                lambda: Encoder(EncoderSpec(model=model_path, device="cpu", threads=1))
+            )
+            self.runs["encoder"] = lambda: encoder.encode(texts)
+            self.runs["encoder_bf16"] = lambda: bf16.encode(texts)
+            self.controls["encoder_1_thread"] = lambda: _one_thread(lambda: one_lane.encode(texts))
+        if "st_encode" not in skip:
+            model = SentenceTransformer(model_path, device="cpu")
+            model.encode(texts[:64])
+            sample = texts[:: max(1, len(texts) // 400)]
+            sweep = {}
+            for size in ST_BATCH_SIZES:
+                started = time.perf_counter()
+                model.encode(sample, batch_size=size)
+                sweep[size] = round(len(sample) / (time.perf_counter() - started), 1)
+            best = max(sweep, key=lambda size: sweep[size])
+            result["st_batch_sweep"] = sweep
+            result["st_batch_size"] = best
+            self.runs["st_encode"] = lambda: model.encode(texts, batch_size=best)
+            self.controls["st_encode_1_thread"] = lambda: _one_thread(
+                lambda: model.encode(texts, batch_size=best)
+            )
+
+    def round(self, *, controls: bool) -> None:
+        for name, run in (self.runs | self.controls if controls else self.runs).items():
             started = time.perf_counter()
             run()
             seconds = time.perf_counter() - started
-            best_seconds[name] = min(seconds, best_seconds.get(name, math.inf))
-            _progress(f"{name}: {len(texts) / seconds:.1f} rows/s")
-    for name, seconds in best_seconds.items():
-        result[name] = round(len(texts) / seconds, 1)
+            _progress(f"{name}: {len(self.texts) / seconds:.1f} rows/s")
+            if seconds < self.best_seconds.get(name, math.inf):
+                self.best_seconds[name] = seconds
+                self.result[name] = round(len(self.texts) / seconds, 1)
+                _note_load(self.result, name)
 
 
 def _one_thread(fn: Callable[[], _T]) -> _T:
@@ -453,10 +478,11 @@ def _print_table(result: dict[str, Any]) -> None:
     print()
     print(f"{result['rows']} texts ({result['texts']}), {result.get('tokens', '?')} tokens")
     print(f"{result['cores']} cores ({result['cpu']}), load average {result['load_average_start']}")
-    print(f"{'variant':<19}{'rows/s':>9}  how")
+    loads = result.get("load_average_at", {})
+    print(f"{'variant':<19}{'rows/s':>9}{'load':>6}  how")
     for name, how in rows:
         if name in result:
-            print(f"{name:<19}{result[name]:>9.1f}  {how}")
+            print(f"{name:<19}{result[name]:>9.1f}{loads.get(name, ''):>6}  {how}")
     for key in (k for k in result if k.startswith("ratio_")):
         print(f"{key:<38}{result[key]:>7.3f}")
     if "worker_peak_rss_mib" in result:
@@ -464,6 +490,11 @@ def _print_table(result: dict[str, Any]) -> None:
             f"peak Python worker RSS, {result['rss_rows']}-row micro-batch: "
             f"{result['worker_peak_rss_mib']} MiB"
         )
+
+
+def _note_load(result: dict[str, Any], name: str) -> None:
+    """The 1-minute load average when ``name`` was measured (best run), for the record."""
+    result.setdefault("load_average_at", {})[name] = round(os.getloadavg()[0], 1)
 
 
 def _progress(line: str) -> None:

@@ -120,3 +120,20 @@ def test_cpu_lanes_keep_order_and_leave_torch_threads_alone(
     # Lanes run one intra-op thread each, without changing the caller's setting
     # (other torch code in the process, such as sentence-transformers, keeps it).
     assert torch.get_num_threads() == threads_before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["auto", "fp16", "bf16"])
+def test_gpu_half_precision_stays_close_to_sentence_transformers(
+    precision: str, model_path: str, st_model: Any, sts_pairs: list[tuple[float, str, str]]
+) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    texts = _mixed_texts(sts_pairs)
+    gpu = Encoder(EncoderSpec(model=model_path, device="cuda", precision=precision))
+    vectors, _ = gpu.encode(texts)
+    reference = st_model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    assert gpu.dtype in (torch.float16, torch.bfloat16)  # auto is half precision on a GPU
+    assert ((vectors * reference).sum(axis=1)).min() >= 0.999
