@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -24,6 +27,8 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken")
 # Characters kept per token of the window before tokenizing: far more than any
@@ -47,7 +52,9 @@ class EncoderSpec:
         chunk_overlap: tokens shared by neighbouring windows in chunk mode.
         max_chunks: windows per text at most in chunk mode.
         trust_remote_code: passed to transformers; off unless the config turns it on.
-        threads: torch intra-op threads on a CPU; None leaves torch's default.
+        threads: CPU cores this encoder may keep busy; None takes torch's default
+            (``OMP_NUM_THREADS``, else the machine's cores). On a CPU each core runs
+            its own forward passes with one intra-op thread (see ``_CpuLanes``).
     """
 
     model: str
@@ -74,6 +81,8 @@ class EncodeStats:
     forward_passes: int = 0
     truncated: int = 0
     oom_splits: int = 0
+    tokenize_seconds: float = 0.0
+    forward_seconds: float = 0.0
 
     @property
     def padding_ratio(self) -> float:
@@ -112,9 +121,15 @@ class Encoder:
         from transformers import AutoModel, AutoTokenizer
 
         self.spec = spec
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
         self.device = _pick_device(spec.device)
+        self.lanes = 1
+        self._lanes: _CpuLanes | None = None
+        if self.device == "cpu":
+            self.lanes = spec.threads or torch.get_num_threads()
+            if self.lanes == 1:
+                torch.set_num_threads(1)
+        elif spec.threads:
+            torch.set_num_threads(spec.threads)
         self.dtype = _pick_dtype(spec.precision, self.device)
         self.batch_tokens = spec.batch_tokens or _default_batch_tokens(self.device)
         folder = Path(spec.model)
@@ -238,20 +253,40 @@ class Encoder:
         stats = EncodeStats(texts=len(texts))
         if not texts:
             return np.zeros((0, getattr(self, "dim", 0)), dtype=np.float32), stats
+        started = time.perf_counter()
         seqs = self._tokenize(texts)
+        stats.tokenize_seconds = time.perf_counter() - started
         stats.sequences = len(seqs.ids)
         stats.truncated = seqs.truncated
         stats.real_tokens = int(seqs.lengths.sum())
+        batches = self.plan_batches(seqs.lengths)
+        started = time.perf_counter()
+        if self.lanes > 1 and len(batches) > 1:
+            outputs = self._cpu_lanes().map(
+                lambda batch: self._forward([seqs.ids[i] for i in batch]), batches
+            )
+        else:
+            outputs = (
+                self._forward_splitting_on_oom([seqs.ids[i] for i in batch], stats)
+                for batch in batches
+            )
         pooled: np.ndarray | None = None
-        for batch in self.plan_batches(seqs.lengths):
-            out = self._forward_splitting_on_oom([seqs.ids[i] for i in batch], stats)
+        for batch, out in zip(batches, outputs, strict=True):
             if pooled is None:
                 pooled = np.empty((len(seqs.ids), out.shape[1]), dtype=np.float32)
             pooled[batch] = out
+        stats.forward_seconds = time.perf_counter() - started
+        stats.forward_passes += len(batches)
+        stats.padded_tokens += sum(len(b) * int(seqs.lengths[b].max()) for b in batches)
         assert pooled is not None
         if len(seqs.ids) == len(texts) and np.array_equal(seqs.owner, np.arange(len(texts))):
             return pooled, stats
         return self._merge_windows(pooled, seqs, len(texts)), stats
+
+    def _cpu_lanes(self) -> _CpuLanes:
+        if self._lanes is None:
+            self._lanes = _CpuLanes(self.lanes)
+        return self._lanes
 
     def _merge_windows(self, pooled: np.ndarray, seqs: _Sequences, n: int) -> np.ndarray:
         # A document vector is the token-weighted mean of its windows' vectors,
@@ -269,13 +304,15 @@ class Encoder:
         import torch
 
         try:
-            return self._forward(ids, stats)
+            return self._forward(ids)
         except torch.OutOfMemoryError:
             if len(ids) == 1:
                 raise
             # Half the rows need half the activations; no row is dropped.
             torch.cuda.empty_cache()
             stats.oom_splits += 1
+            # The halves are extra forward passes; padding is counted once, per plan.
+            stats.forward_passes += 1
             half = len(ids) // 2
             log.warning(
                 "out of GPU memory on %d sequences; retrying as %d + %d",
@@ -290,7 +327,8 @@ class Encoder:
                 ]
             )
 
-    def _forward(self, ids: list[list[int]], stats: EncodeStats) -> np.ndarray:
+    def _forward(self, ids: list[list[int]]) -> np.ndarray:
+        """Pooled vectors of one padded batch; safe to call from several threads."""
         import torch
 
         width = max(len(s) for s in ids)
@@ -299,8 +337,6 @@ class Encoder:
         for row, seq in enumerate(ids):
             input_ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
-        stats.padded_tokens += input_ids.size
-        stats.forward_passes += 1
         inputs = {
             "input_ids": torch.from_numpy(input_ids).to(self.device, non_blocking=True),
             "attention_mask": torch.from_numpy(mask).to(self.device, non_blocking=True),
@@ -312,6 +348,42 @@ class Encoder:
             vectors = _pool(hidden, inputs["attention_mask"], self.pooling)
         # One host copy per forward pass: the GPU never holds more than one batch.
         return vectors.float().cpu().numpy()
+
+
+class _CpuLanes:
+    """Threads that each run whole forward passes with one torch intra-op thread.
+
+    A small model's operators are too short to split well across cores: torch's
+    intra-op threads meet at a barrier after every operator, and on a machine
+    shared with other processes one descheduled thread stalls the rest. Running
+    independent batches side by side (the GIL is released inside torch) keeps
+    every core busy without that barrier; the threads x cores arithmetic is the
+    same as Spark's one-task-per-core.
+    """
+
+    def __init__(self, lanes: int) -> None:
+        import torch
+
+        default = torch.get_num_threads()
+        ready = threading.Barrier(lanes + 1)
+
+        def start() -> None:
+            # get_ first: torch sets a thread's count lazily from the process default,
+            # which would undo the set_ below once the default is restored.
+            torch.get_num_threads()
+            torch.set_num_threads(1)
+            ready.wait()
+
+        self.pool = ThreadPoolExecutor(lanes, thread_name_prefix="deltavec-lane", initializer=start)
+        for _ in range(lanes):
+            self.pool.submit(lambda: None)
+        ready.wait()
+        # set_num_threads also changed the default for threads started later; restore it.
+        torch.set_num_threads(default)
+
+    def map(self, fn: Callable[[_T], _R], items: Sequence[_T]) -> Iterator[_R]:
+        """``fn`` over ``items`` on the lanes, results in the order of ``items``."""
+        return self.pool.map(fn, items)
 
 
 # -- failures, one row at a time -----------------------------------------------------------

@@ -32,9 +32,10 @@ def delta_packages() -> list[str]:
 
 
 _RUNTIME_DEFAULTS = {
-    # Arrow batches feed the encoder; 2,048 rows keep a worker's memory small
-    # while the encoder's own token budget decides the forward-pass size
-    # (conf/spark-gpu.conf raises it for GPUs).
+    # Each Arrow batch is one encoder call, sorted by token length inside: 2,048
+    # rows leave 1% padding on mixed texts (1,024: 2%; 10,000: 0.5%) and keep a
+    # worker's memory small; the token budget decides the forward-pass size.
+    # Measured in conf/TUNING.md; conf/spark-gpu.conf raises it for GPUs.
     "spark.sql.execution.arrow.maxRecordsPerBatch": "2048",
 }
 

@@ -88,3 +88,52 @@ def test_a_failing_row_is_isolated(encoder: Encoder, monkeypatch: pytest.MonkeyP
     good = np.delete(vectors, 13, axis=0)
     assert np.isfinite(good).all()
     assert np.isnan(vectors[13]).all()
+
+
+def test_bf16_vectors_stay_close_to_sentence_transformers(
+    model_path: str, st_model: Any, sts_pairs: list[tuple[float, str, str]]
+) -> None:
+    # bf16 autocast runs on a CPU too, so the reduced-precision path is checked here;
+    # on a GPU it is the default.
+    texts = _mixed_texts(sts_pairs)
+    bf16 = Encoder(EncoderSpec(model=model_path, device="cpu", precision="bf16"))
+    vectors, _ = bf16.encode(texts)
+    reference = st_model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    cosine = (vectors * reference).sum(axis=1)
+    assert vectors.dtype == np.float32
+    assert cosine.min() >= 0.999
+    assert cosine.min() < 0.99999  # it really ran in bf16, not fp32
+
+
+def test_cpu_lanes_keep_order_and_leave_torch_threads_alone(
+    model_path: str, encoder: Encoder, sts_pairs: list[tuple[float, str, str]]
+) -> None:
+    import torch
+
+    texts = _mixed_texts(sts_pairs)
+    threads_before = torch.get_num_threads()
+    two_lanes = Encoder(EncoderSpec(model=model_path, device="cpu", threads=2))
+    vectors, stats = two_lanes.encode(texts)
+    one_by_one = np.concatenate([encoder.encode([t])[0] for t in texts[::23]])
+    assert two_lanes.lanes == 2 and stats.forward_passes > 2
+    assert np.allclose(vectors[::23], one_by_one, atol=1e-5)
+    # Lanes run one intra-op thread each, without changing the caller's setting
+    # (other torch code in the process, such as sentence-transformers, keeps it).
+    assert torch.get_num_threads() == threads_before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["auto", "fp16", "bf16"])
+def test_gpu_half_precision_stays_close_to_sentence_transformers(
+    precision: str, model_path: str, st_model: Any, sts_pairs: list[tuple[float, str, str]]
+) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    texts = _mixed_texts(sts_pairs)
+    gpu = Encoder(EncoderSpec(model=model_path, device="cuda", precision=precision))
+    vectors, _ = gpu.encode(texts)
+    reference = st_model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    assert gpu.dtype in (torch.float16, torch.bfloat16)  # auto is half precision on a GPU
+    assert ((vectors * reference).sum(axis=1)).min() >= 0.999

@@ -1,0 +1,1 @@
+"""Throughput and GPU benchmarks; run them as scripts (``make bench``)."""
