@@ -150,7 +150,7 @@ class ModelConfig(_Section):
     # Tokens kept per text; None means the model's own limit.
     max_tokens: int | None = Field(default=None, gt=0)
     # Padded tokens per forward pass: the unit of work that fits in memory,
-    # whatever the mix of short and long texts. None: 1,024 on a CPU, 32,768 on a GPU.
+    # whatever the mix of short and long texts. None: 1,024 on a CPU, 65,536 on a GPU.
     batch_tokens: int | None = Field(default=None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"

@@ -146,6 +146,10 @@ class Encoder:
                 revision=spec.revision,
                 trust_remote_code=spec.trust_remote_code,
                 attn_implementation="sdpa",
+                # transformers 5 keeps the dtype the weights were saved in; many
+                # models ship fp16 or bf16 weights. Hold them in fp32 and let
+                # autocast pick the arithmetic, so `precision` means what it says.
+                dtype=torch.float32,
                 # Pickle-based .bin weights can run code when loaded; a folder
                 # that has safetensors must use them.
                 use_safetensors=True if _has_safetensors(folder) else None,
@@ -550,7 +554,7 @@ def _pick_device(requested: str) -> str:
 def _default_batch_tokens(device: str) -> int:
     # Measured on MiniLM: a CPU runs fastest on small passes that stay in cache
     # (1,024 tokens beat 8,192 by a third); a GPU needs large ones to fill its cores.
-    return 32768 if device.startswith("cuda") else 1024
+    return 65536 if device.startswith("cuda") else 1024
 
 
 def _pick_dtype(precision: str, device: str) -> torch.dtype:

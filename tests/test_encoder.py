@@ -105,6 +105,32 @@ def test_bf16_vectors_stay_close_to_sentence_transformers(
     assert cosine.min() < 0.99999  # it really ran in bf16, not fp32
 
 
+def test_half_precision_weights_still_run_in_fp32(
+    model_path: str, tmp_path: Any, sts_pairs: list[tuple[float, str, str]]
+) -> None:
+    # Many models ship fp16 or bf16 weights; precision "fp32" must still compute
+    # in fp32 (a CPU runs half-precision matrix products slowly, or not at all).
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from sentence_transformers import SentenceTransformer
+
+    half = tmp_path / "half-model"
+    shutil.copytree(model_path, half)
+    weights = load_file(half / "model.safetensors")
+    save_file({k: v.half() for k, v in weights.items()}, half / "model.safetensors")
+
+    encoder = Encoder(EncoderSpec(model=str(half), device="cpu", precision="fp32"))
+    texts = _mixed_texts(sts_pairs)[::10]
+    vectors, _ = encoder.encode(texts)
+    assert {p.dtype for p in encoder.model.parameters()} == {torch.float32}
+    reference = SentenceTransformer(
+        str(half), device="cpu", model_kwargs={"dtype": torch.float32}
+    ).encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    assert ((vectors * reference).sum(axis=1)).min() >= 0.9999
+
+
 def test_cpu_lanes_keep_order_and_leave_torch_threads_alone(
     model_path: str, encoder: Encoder, sts_pairs: list[tuple[float, str, str]]
 ) -> None:
