@@ -117,10 +117,10 @@ class TargetConfig(TableRef):
     # Rows per file the job appends. A changed row costs rewriting the file that
     # holds it, so small files keep a MERGE cheap on a large target.
     max_rows_per_file: int = Field(default=2000, gt=0)
-    # Deletion vectors make updates and deletes rewrite no files, but the deltalake
-    # (delta-rs) reader search consumers use cannot read such tables yet: opt in only
-    # when every consumer reads through Spark or another DV-aware reader.
-    deletion_vectors: bool = False
+    # Deletion vectors make updates and deletes rewrite no files, so a batch's MERGE
+    # costs the rows it changes, not the files holding them. Only a new target takes
+    # this setting; an existing one keeps what it was created with.
+    deletion_vectors: bool = True
 
     _absolute_quarantine = field_validator("quarantine_path")(absolute_path)
 

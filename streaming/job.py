@@ -267,7 +267,9 @@ class Job:
             source=cfg.source,
             layout=Layout(
                 max_rows_per_file=cfg.target.max_rows_per_file,
-                deletion_vectors=cfg.target.deletion_vectors,
+                deletion_vectors=target.target_deletion_vectors(
+                    self.spark, cfg.target, default=cfg.target.deletion_vectors
+                ),
             ),
         )
 

@@ -95,7 +95,7 @@ def ensure_target(
     model_identity: str,
     dim: int,
     consumer_properties: dict[str, str] | None = None,
-    deletion_vectors: bool = False,
+    deletion_vectors: bool = True,
 ) -> None:
     """Create the target if it is missing; refuse one this job cannot write.
 
@@ -103,8 +103,8 @@ def ensure_target(
         consumer_properties: more table properties for a new target, from
             ``consumer_properties()``.
         deletion_vectors: create the target with Delta deletion vectors. Set
-            explicitly either way, since some platforms turn them on by default and
-            the deltalake reader cannot read them.
+            explicitly either way, so the table, not the platform's defaults, says
+            whether they are on; ``target_deletion_vectors`` reads it back.
 
     Raises:
         TargetError: the table exists with another schema, keys or model.
@@ -126,6 +126,19 @@ def ensure_target(
             **(consumer_properties or {}),
         },
     )
+
+
+def target_deletion_vectors(spark: SparkSession, ref: TableRef, *, default: bool) -> bool:
+    """Whether the target's writes mark rows deleted (its table property), or
+    ``default`` when there is no target yet.
+
+    The MERGE lays out rewritten files differently with and without deletion
+    vectors, so it follows the table, not the config, for a target created earlier.
+    """
+    if not tables.exists(spark, ref):
+        return default
+    value = tables.properties(spark, ref).get(DELETION_VECTORS_PROPERTY, "false")
+    return value.strip().lower() == "true"
 
 
 def consumer_properties(

@@ -1,4 +1,4 @@
-"""Search over a target the real job wrote: quality, the CLI, and three readers agreeing.
+"""Search over a target the real job wrote: quality, the CLI, and four readers agreeing.
 
 One target is built per module from the STS-B dev sentences (each distinct
 sentence2 is a row), through ``Job(...).run(once=True)`` in ``changes`` mode so
@@ -163,7 +163,7 @@ def test_spark_deltalake_and_duckdb_read_the_same_keys_and_vectors_across_a_merg
     from deltalake import DeltaTable
 
     index = VectorIndex(sts_target.target)
-    _assert_three_readers_agree(spark, sts_target.target, index)
+    _assert_readers_agree(spark, sts_target.target, index)
 
     # Change 20 sentences and delete 10 rows in the source; the job MERGEs them.
     source = sts_target.root / "source"
@@ -172,10 +172,13 @@ def test_spark_deltalake_and_duckdb_read_the_same_keys_and_vectors_across_a_merg
     summary = Job(load_config(sts_target.config), spark).run(once=True)
     assert (summary.embedded, summary.deleted) == (20, 10)
 
+    # The target has deletion vectors (the default): the MERGE marked the 20 old
+    # vectors and the 10 deleted rows in their files and wrote only the 20 new ones.
+    assert list(DeltaTable(sts_target.target).deletion_vectors())
     report = index.refresh()
-    assert report.to_version > report.from_version and report.files_removed >= 1
-    assert report.rows_added < len(sts_target.texts)  # files, not the table, were read
-    _assert_three_readers_agree(spark, sts_target.target, index)
+    assert report.to_version > report.from_version and report.files_masked >= 1
+    assert (report.rows_masked, report.rows_added) == (30, 20)  # no file was read again
+    _assert_readers_agree(spark, sts_target.target, index)
     keys, _ = index.rows()
     assert len(index) == len(sts_target.texts) - 10
     assert not set(range(100, 110)) & set(keys.column("id").to_pylist())
@@ -187,8 +190,9 @@ def test_spark_deltalake_and_duckdb_read_the_same_keys_and_vectors_across_a_merg
     assert sorted(kept.column("id").to_pylist()) == [*range(95, 100), *range(110, 115)]
 
 
-def _assert_three_readers_agree(spark: Any, path: str, index: VectorIndex) -> None:
+def _assert_readers_agree(spark: Any, path: str, index: VectorIndex) -> None:
     import duckdb
+    import pyarrow as pa
     from deltalake import DeltaTable
 
     keys, vectors = index.rows()
@@ -200,15 +204,39 @@ def _assert_three_readers_agree(spark: Any, path: str, index: VectorIndex) -> No
 
     # DuckDB's delta extension cannot be installed here (no download; the PyPI
     # builds are for DuckDB 1.x), so DuckDB's own Parquet reader reads the files
-    # that delta-rs lists as the table's current version.
-    files = [uri.removeprefix("file://") for uri in DeltaTable(path).file_uris()]
+    # that delta-rs lists as the table's current version, and drops the rows their
+    # deletion vectors name by row number within the file.
+    table = DeltaTable(path)
+    files = [uri.removeprefix("file://") for uri in table.file_uris()]
+    deleted: dict[str, list[Any]] = {"filename": [], "row": []}
+    for batch in map(pa.record_batch, table.deletion_vectors()):
+        for uri, keep in zip(
+            batch.column("filepath").to_pylist(),
+            batch.column("selection_vector").to_pylist(),
+            strict=True,
+        ):
+            rows = [i for i, kept in enumerate(keep) if not kept]
+            deleted["filename"] += [uri.removeprefix("file://")] * len(rows)
+            deleted["row"] += rows
     con = duckdb.connect()
+    con.register(
+        "deleted",
+        pa.table(deleted, schema=pa.schema([("filename", pa.string()), ("row", pa.int64())])),
+    )
     fetched = con.execute(
-        "SELECT id, embedding FROM read_parquet($files) ORDER BY id", {"files": files}
+        "SELECT id, embedding FROM read_parquet($files, filename = true, file_row_number = true) p "
+        "WHERE NOT EXISTS (SELECT 1 FROM deleted d "
+        "WHERE d.filename = p.filename AND d.row = p.file_row_number) ORDER BY id",
+        {"files": files},
     ).fetchall()
     by_duckdb = (np.array([r[0] for r in fetched]), np.array([r[1] for r in fetched]))
 
-    for ids, matrix in (by_spark, by_duckdb):
+    # delta-rs's own engine (DataFusion), which applies deletion vectors itself.
+    scanned = pa.RecordBatchReader.from_stream(table.scan(columns=["id", "embedding"]))
+    data = scanned.read_all().sort_by("id")
+    by_scan = (data.column("id").to_numpy(), np.array(data.column("embedding").to_pylist()))
+
+    for ids, matrix in (by_spark, by_duckdb, by_scan):
         assert np.array_equal(ids, ours[0])
         assert np.array_equal(matrix.astype(np.float32), ours[1])  # bit for bit
 

@@ -1,7 +1,8 @@
 """A target's data files read with delta-rs into float32 blocks, each row tagged with its file.
 
 The file tag is what makes refresh incremental: a later commit that removes a
-file names it, and its rows can be masked out without reading anything.
+file names it, and its rows can be masked out without reading anything. Each
+row also keeps its position in its file, which is what a deletion vector names.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Block:
     matrix: np.ndarray
     keys: pa.Table
     files: np.ndarray  # int32 file id per row
+    positions: np.ndarray  # int64 row number within its file, as deletion vectors count
 
     def __len__(self) -> int:
         return int(self.matrix.shape[0])
@@ -61,23 +63,68 @@ def open_table(
         raise TargetError(f"target {path} cannot be opened: {first_line(exc)}") from None
 
 
-def dataset(table: DeltaTable, path: str) -> pads.FileSystemDataset:
+def dataset(
+    table: DeltaTable, path: str, storage_options: dict[str, str] | None
+) -> pads.FileSystemDataset:
     """The table's current files as a pyarrow dataset (one fragment per data file).
 
-    Raises:
-        TargetError: the table uses a reader feature this path cannot read.
-    """
-    import pyarrow.dataset as pads
-    from deltalake.exceptions import DeltaProtocolError
+    Built from the add actions rather than ``to_pyarrow_dataset``, which refuses
+    tables with deletion vectors; the index applies those itself.
 
-    try:
-        return table.to_pyarrow_dataset(
-            # Parquet stores the model column dictionary-encoded: reading it so
-            # makes the one-model check a look at a few dictionary entries.
-            parquet_read_options=pads.ParquetReadOptions(dictionary_columns={MODEL}),
+    Raises:
+        TargetError: the table uses a reader feature this path cannot read, or
+            is partitioned (deltavec never partitions a target).
+    """
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+    from deltalake.fs import DeltaStorageHandler
+
+    check_readable(table, path)
+    if table.metadata().partition_columns:
+        raise TargetError(
+            f"target {path} is partitioned by {', '.join(table.metadata().partition_columns)}; "
+            "deltavec writes and reads unpartitioned targets only"
         )
-    except DeltaProtocolError:
-        raise TargetError(unreadable_features(path, table)) from None
+    actions = pa.table(table.get_add_actions(flatten=False))
+    files = actions.column("path").to_pylist()
+    sizes = dict(zip(files, actions.column("size_bytes").to_pylist(), strict=True))
+    # Known sizes spare one HEAD request per file on object stores.
+    handler = DeltaStorageHandler(table.table_uri, storage_options, sizes)
+    filesystem = pafs.PyFileSystem(handler)
+    file_format = pads.ParquetFileFormat(
+        # Parquet stores the model column dictionary-encoded: reading it so
+        # makes the one-model check a look at a few dictionary entries.
+        read_options=pads.ParquetReadOptions(dictionary_columns={MODEL}),
+        default_fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=True),
+    )
+    schema = pa.schema(table.schema().to_arrow())
+    model = schema.get_field_index(MODEL)
+    if model >= 0:
+        field = schema.field(model)
+        schema = schema.set(model, field.with_type(pa.dictionary(pa.int32(), field.type)))
+    fragments = [file_format.make_fragment(f, filesystem=filesystem) for f in files]
+    return pads.FileSystemDataset(fragments, schema, file_format, filesystem)
+
+
+def check_readable(table: DeltaTable, path: str) -> None:
+    """Raise a one-line ``TargetError`` if the table needs a reader feature this path lacks."""
+    from deltalake.table import MAX_SUPPORTED_READER_VERSION, SUPPORTED_READER_FEATURES
+
+    from streaming.search import deletions
+
+    protocol = table.protocol()
+    readable = {*SUPPORTED_READER_FEATURES, deletions.FEATURE}
+    features = set(protocol.reader_features or []) - readable
+    # Reader version 2 tables name no features; column mapping is what version 2 means.
+    if table.metadata().configuration.get("delta.columnMapping.mode", "none") != "none":
+        features.add("columnMapping")
+    if features or protocol.min_reader_version > MAX_SUPPORTED_READER_VERSION:
+        named = ", ".join(sorted(features)) or f"reader version {protocol.min_reader_version}"
+        raise TargetError(
+            f"target {path} uses the Delta table feature(s) {named}, which this reader "
+            "cannot read; write the target without them (deltavec never turns them on)"
+        )
 
 
 def subset(data: pads.FileSystemDataset, fragments: list[pads.Fragment]) -> pads.Dataset:
@@ -111,6 +158,9 @@ def read_files(
     matrix = np.empty((rows, dim), dtype=np.float32) if dim else None
     key_batches: list[pa.RecordBatch] = []
     file_parts: list[np.ndarray] = []
+    position_parts: list[np.ndarray] = []
+    # The scanner yields each file's rows in order, so counting them gives positions.
+    next_row: dict[int, int] = {}
     file_ids: dict[str, int] = {}
     models: set[str] = set()
     filled = 0
@@ -141,7 +191,9 @@ def read_files(
             ],
             dtype=np.int32,
         )
-        file_parts.append(ids[names.indices.to_numpy(zero_copy_only=False)])
+        row_files = ids[names.indices.to_numpy(zero_copy_only=False)]
+        file_parts.append(row_files)
+        position_parts.append(_positions(row_files, next_row))
     # Files without rows count too, so that a later commit removing them is understood.
     for fragment in data.get_fragments():
         file_ids.setdefault(fragment.path, first_file_id + len(file_ids))
@@ -152,25 +204,25 @@ def read_files(
         matrix=matrix[:filled] if filled < matrix.shape[0] else matrix,
         keys=pa.Table.from_batches(key_batches, schema=key_schema),
         files=np.concatenate(file_parts) if file_parts else np.zeros(0, np.int32),
+        positions=np.concatenate(position_parts) if position_parts else np.zeros(0, np.int64),
     )
     return FileRows(block, file_ids, models)
-
-
-def unreadable_features(path: str, table: DeltaTable) -> str:
-    from deltalake.table import SUPPORTED_READER_FEATURES
-
-    protocol = table.protocol()
-    features = sorted(set(protocol.reader_features or []) - set(SUPPORTED_READER_FEATURES))
-    named = ", ".join(features) or f"reader version {protocol.min_reader_version}"
-    return (
-        f"target {path} uses the Delta table feature(s) {named}, which the deltalake "
-        "reader cannot read; write the target without them (deltavec keeps them off)"
-    )
 
 
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _positions(row_files: np.ndarray, next_row: dict[int, int]) -> np.ndarray:
+    """Each row's number within its file, continuing the counts in ``next_row``."""
+    positions = np.empty(len(row_files), dtype=np.int64)
+    for file_id in np.unique(row_files):  # a batch rarely spans more than one file
+        rows = np.flatnonzero(row_files == file_id)
+        start = next_row.get(int(file_id), 0)
+        positions[rows] = np.arange(start, start + rows.size)
+        next_row[int(file_id)] = start + rows.size
+    return positions
 
 
 def _distinct_strings(column: pa.Array | pa.ChunkedArray) -> set[str]:

@@ -2,10 +2,11 @@
 
 The target is read with the ``deltalake`` (delta-rs) package into float32
 blocks: no Spark, no JVM, and no Python object per row. Every row remembers the
-data file it came from, so ``refresh`` replays only the log versions committed
-since the last load: rows of files a commit removed are masked out, files it
-added are read and appended as a new block. A MERGE that rewrites one file
-therefore costs one file, not the table.
+data file it came from and its position there, so ``refresh`` replays only the
+log versions committed since the last load: rows of files a commit removed are
+masked out, rows a deletion vector newly names are masked out (the file is not
+read again), and files it added are read and appended as a new block. A MERGE
+therefore costs the rows it wrote, not the table.
 
 Scores are inner products; the job writes L2-normalised vectors for models that
 normalise (the default does), so the score is the cosine similarity.
@@ -26,7 +27,7 @@ import numpy as np
 
 from streaming.columns import EMBEDDING, MODEL
 from streaming.errors import TargetError
-from streaming.search import delta_files
+from streaming.search import deletions, delta_files
 from streaming.search.delta_files import Block, FileRows
 from streaming.target import DIM_PROPERTY, KEYS_PROPERTY, MODEL_PROPERTY
 
@@ -69,8 +70,11 @@ class RefreshReport:
         to_version: the version it holds now.
         files_added: data files read (a MERGE's rewritten files count here).
         files_removed: data files whose rows were masked out.
+        files_masked: files kept whose deletion vector grew: their newly deleted
+            rows were masked out by position, without reading the file.
         rows_added: rows read from the added files.
-        rows_removed: rows masked out.
+        rows_removed: rows masked out because their file was removed.
+        rows_masked: rows masked out by deletion vectors (of kept or added files).
         full_reload: True when the path held a new table and was read whole.
         seconds: wall time of the refresh.
     """
@@ -79,8 +83,10 @@ class RefreshReport:
     to_version: int
     files_added: int = 0
     files_removed: int = 0
+    files_masked: int = 0
     rows_added: int = 0
     rows_removed: int = 0
+    rows_masked: int = 0
     full_reload: bool = False
     seconds: float = 0.0
 
@@ -90,7 +96,7 @@ class _State:
     """One table version in memory. Never changed once built: a refresh builds another.
 
     Slots number the rows of all blocks in order; ``live[slot]`` is False for
-    rows of files that a later commit removed.
+    rows of files that a later commit removed and for rows a deletion vector names.
     """
 
     version: int
@@ -98,6 +104,9 @@ class _State:
     live: np.ndarray
     dead: int
     file_ids: dict[str, int]
+    # Files whose rows were masked by a deletion vector: if one comes back
+    # without its vector, rows may have to come back, which masks cannot do.
+    masked_files: frozenset[str] = frozenset()
 
     @property
     def slots(self) -> int:
@@ -132,6 +141,7 @@ class VectorIndex:
         version: int | None = None,
     ) -> None:
         self.path = path
+        self.storage_options = storage_options
         self.table = delta_files.open_table(path, storage_options, version)
         self._next_file_id = 0
         self._approximate: IvfIndex | None = None
@@ -188,17 +198,23 @@ class VectorIndex:
         missing = [c for c in (*keys, EMBEDDING, MODEL) if c not in names]
         if missing:
             raise TargetError(f"target {self.path} lacks column(s) {', '.join(missing)}")
-        loaded = self._read(delta_files.dataset(self.table, self.path))
+        loaded = self._read(delta_files.dataset(self.table, self.path, self.storage_options))
+        blocks = (loaded.block,) if len(loaded.block) else ()
+        live = np.ones(len(loaded.block), dtype=bool)
+        deleted = deletions.deleted_rows(self.table) if deletions.enabled(self.table) else {}
+        deletions.mask(live, blocks, loaded.file_ids, deleted)
         state = _State(
             version=int(self.table.version()),
-            blocks=(loaded.block,) if len(loaded.block) else (),
-            live=np.ones(len(loaded.block), dtype=bool),
-            dead=0,
+            blocks=blocks,
+            live=live,
+            dead=int(live.size - live.sum()),
             file_ids=loaded.file_ids,
+            masked_files=frozenset(deleted) & loaded.file_ids.keys(),
         )
         if self._approximate is not None:
             with self._ann_lock:
                 self._approximate.rebuild(state.blocks)
+                self._approximate.remove(np.flatnonzero(~state.live))
         log.info("loaded %d vectors from %s version %d", state.slots, self.path, state.version)
         return state
 
@@ -227,9 +243,11 @@ class VectorIndex:
         """Catch up with the commits made since the last load, reading only what they added.
 
         Each new log version's ``remove`` actions mask rows out and its ``add``
-        actions are read, so a MERGE that rewrote two files costs two files. If
-        anything fails (a model switch, an unreadable feature or file) the index
-        keeps answering from the version it had.
+        actions are read, so a MERGE that rewrote two files costs two files. A
+        file added again with a grown deletion vector is not read: its newly
+        deleted rows are masked out by position. If anything fails (a model
+        switch, an unreadable feature or file) the index keeps answering from
+        the version it had.
 
         Raises:
             TargetError: the new versions hold another model's vectors, use a
@@ -273,11 +291,25 @@ class VectorIndex:
             return replace(report, seconds=time.perf_counter() - started)
 
     def _apply_commits(self, state: _State, after: int) -> tuple[_State, RefreshReport]:
-        data = delta_files.dataset(self.table, self.path)
+        data = delta_files.dataset(self.table, self.path, self.storage_options)
         fragments = {fragment.path: fragment for fragment in data.get_fragments()}
         removed = [path for path in state.file_ids if path not in fragments]
         added = [f for path, f in fragments.items() if path not in state.file_ids]
+        to_mask: frozenset[str] = frozenset()
+        if deletions.enabled(self.table):
+            changes = deletions.changes_since(
+                self.table, self.storage_options, state.version, after
+            )
+            if changes is None or changes.restored or changes.without_vector & state.masked_files:
+                # Deleted rows may come back (or the log no longer says): masks
+                # only ever hide rows, so the table is read again whole.
+                new = self._load_all()
+                return new, RefreshReport(
+                    state.version, after, rows_added=new.slots, full_reload=True
+                )
+            to_mask = changes.with_vector & fragments.keys()
         loaded = self._read(delta_files.subset(data, added))
+        deleted = deletions.deleted_rows(self.table, to_mask) if to_mask else {}
 
         # Nothing below depends on the table's content: it cannot fail half way.
         file_ids = {p: i for p, i in state.file_ids.items() if p in fragments}
@@ -289,17 +321,24 @@ class VectorIndex:
         rows_removed = int(state.live.sum() - live.sum())
         blocks = state.blocks + ((loaded.block,) if len(loaded.block) else ())
         live = np.concatenate([live, np.ones(len(loaded.block), dtype=bool)])
-        new = _State(after, blocks, live, state.dead + rows_removed, file_ids)
+        rows_masked = deletions.mask(live, blocks, file_ids, deleted)
+        files_masked = len(to_mask & state.file_ids.keys())
+        masked_files = (state.masked_files & fragments.keys()) | frozenset(deleted)
+        new = _State(after, blocks, live, int(live.size - live.sum()), file_ids, masked_files)
         compacted = _compact(new) if _needs_compaction(new) else None
         if self._approximate is not None:
             with self._ann_lock:
                 if compacted is not None:
                     self._approximate.rebuild(compacted.blocks)
                 else:
+                    # The FAISS ids are slots: drop what died among the old ones,
+                    # add the new rows, then drop the new rows already deleted.
                     self._approximate.remove(np.flatnonzero(state.live & ~live[: state.slots]))
                     self._approximate.add(loaded.block.matrix, state.slots)
+                    self._approximate.remove(state.slots + np.flatnonzero(~live[state.slots :]))
         log.info(
-            "refreshed %s from version %d to %d: +%d files (%d rows), -%d files (%d rows)",
+            "refreshed %s from version %d to %d: +%d files (%d rows), -%d files (%d rows), "
+            "%d deletion vectors grew (%d rows)",
             self.path,
             state.version,
             after,
@@ -307,14 +346,18 @@ class VectorIndex:
             len(loaded.block),
             len(removed),
             rows_removed,
+            files_masked,
+            rows_masked,
         )
         report = RefreshReport(
             state.version,
             after,
             files_added=len(added),
             files_removed=len(removed),
+            files_masked=files_masked,
             rows_added=len(loaded.block),
             rows_removed=rows_removed,
+            rows_masked=rows_masked,
         )
         return compacted or new, report
 
@@ -469,7 +512,7 @@ def _compact(state: _State) -> _State:
     """The same rows without the masked-out ones, in one block."""
     import pyarrow as pa
 
-    matrices, keys, files = [], [], []
+    matrices, keys, files, positions = [], [], [], []
     offset = 0
     for block in state.blocks:
         live = state.live[offset : offset + len(block)]
@@ -477,10 +520,13 @@ def _compact(state: _State) -> _State:
         matrices.append(block.matrix[live])
         keys.append(block.keys.filter(pa.array(live)))
         files.append(block.files[live])
+        positions.append(block.positions[live])
     merged = Block(
         matrix=np.concatenate(matrices),
         keys=pa.concat_tables(keys).combine_chunks(),
         files=np.concatenate(files),
+        positions=np.concatenate(positions),
     )
     blocks = (merged,) if len(merged) else ()
-    return _State(state.version, blocks, np.ones(len(merged), dtype=bool), 0, state.file_ids)
+    live = np.ones(len(merged), dtype=bool)
+    return _State(state.version, blocks, live, 0, state.file_ids, state.masked_files)
