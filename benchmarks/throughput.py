@@ -23,6 +23,10 @@ the pipeline its own settings. Last, a single micro-batch of ``--rss-rows`` rows
 goes through the pipeline while the peak resident memory of every Python worker
 is read from ``/proc`` (Linux).
 
+The default 8,000 texts make the pipeline's one micro-batch about a minute of
+model work on 2 cores, the least ``conf/TUNING.md`` recommends: below that, the
+fixed cost of a micro-batch (MERGE, commits) weighs on the pipeline's rate.
+
 The last line printed is one JSON object: rows per second per variant, the four
 ratios, and the details behind them.
 """
@@ -118,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sentences", type=int, default=3000, help="short texts (default 3000)")
+    parser.add_argument("--sentences", type=int, default=6000, help="short texts (default 6000)")
     parser.add_argument(
-        "--paragraphs", type=int, default=1000, help="100-300 word texts (default 1000)"
+        "--paragraphs", type=int, default=2000, help="100-300 word texts (default 2000)"
     )
     parser.add_argument(
         "--rounds",
@@ -142,7 +146,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--large",
         action="store_true",
-        help="4x the texts, and the memory batch on the mix (about an hour on 2 cores)",
+        help="4x the texts, and the memory batch on the mix (hours on 2 cores)",
     )
     parser.add_argument("--cores", type=int, default=None, help="Spark local[N] (default: all)")
     parser.add_argument(
