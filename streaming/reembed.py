@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from streaming import changes, faults, tables
+from streaming.balance import spread_by_length
 from streaming.checkpoint import Checkpoint
 from streaming.columns import (
     BATCH_SOURCE_VERSION,
@@ -257,11 +258,9 @@ class Reembed:
             bucket = F.pmod(F.xxhash64(*keys), F.lit(report.chunks or 1))
             done = report.reused
             for chunk in range(report.chunks):
-                inputs = (
-                    todo.where(bucket == chunk)
-                    .repartition(parallelism)
-                    .select(*keys, TEXT, BATCH_TEXT_HASH, KEY_JSON)
-                )
+                inputs = spread_by_length(
+                    todo.where(bucket == chunk), slots=parallelism, text=TEXT, keys=keys
+                ).select(*keys, TEXT, BATCH_TEXT_HASH, KEY_JSON)
                 schema = _embedded_schema(inputs.schema)
                 out = inputs.mapInArrow(_with_names(embed, schema), schema).persist()
                 ok = out.where(F.col(ERROR_CODE).isNull())

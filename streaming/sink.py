@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from streaming import changes, delta_log, faults, tables
+from streaming.balance import spread_by_length
 from streaming.checkpoint import Checkpoint
 from streaming.columns import (
     BATCH_SOURCE_VERSION,
@@ -277,27 +278,22 @@ class MergeSink:
             )
 
     def _count_actions(self, acts: DataFrame, report: BatchReport) -> None:
-        from pyspark.sql import functions as F
-
-        row = acts.agg(
-            F.count(F.lit(1)).alias("rows"),
-            F.sum(F.when(F.col(IS_DUPLICATE), 1).otherwise(0)).alias("duplicates"),
-            F.sum(F.when(~F.col(IS_DUPLICATE) & (F.col(OP) == DELETE), 1).otherwise(0)).alias(
-                "deletes"
-            ),
-            F.sum(
-                F.when(
-                    ~F.col(IS_DUPLICATE) & (F.col(OP) == UPSERT) & F.col(PROBLEM).isNull(), 1
-                ).otherwise(0)
-            ).alias("upserts"),
-        ).first()
-        problems = acts.where(F.col(PROBLEM).isNotNull()).groupBy(PROBLEM).count().collect()
-        report.rows = int(row["rows"] or 0) if row else 0
-        report.duplicates = int(row["duplicates"] or 0) if row else 0
-        report.deletes = int(row["deletes"] or 0) if row else 0
-        report.upserts = int(row["upserts"] or 0) if row else 0
-        report.quarantined = {r[PROBLEM]: int(r["count"]) for r in problems}
+        # One small aggregate (one Spark job) yields every count the report needs.
+        groups = acts.groupBy(IS_DUPLICATE, OP, PROBLEM).count().collect()
+        for group in groups:
+            rows, problem = int(group["count"]), group[PROBLEM]
+            report.rows += rows
+            if problem is not None:
+                report.quarantined[problem] = report.quarantined.get(problem, 0) + rows
+            if group[IS_DUPLICATE]:
+                report.duplicates += rows
+            elif group[OP] == DELETE:
+                report.deletes += rows
+            elif problem is None:
+                report.upserts += rows
         if report.duplicates:
+            from pyspark.sql import functions as F
+
             sample = [
                 r[KEY_JSON]
                 for r in acts.where(F.col(IS_DUPLICATE)).select(KEY_JSON).limit(5).collect()
@@ -348,9 +344,8 @@ class MergeSink:
 
     def _spread(self, frame: DataFrame) -> DataFrame:
         # The model should run on every task slot, and the micro-batch waits for the
-        # slowest task. Round-robin gives every slot the same number of rows, where
-        # the files read or the key shuffle leave some slots several percent more.
-        return frame.repartition(self.parallelism)
+        # slowest task: give every slot the same amount of text (streaming.balance).
+        return spread_by_length(frame, slots=self.parallelism, text=TEXT, keys=self.keys)
 
     # -- writes ------------------------------------------------------------------------
 
