@@ -13,15 +13,17 @@ Variants, all on the CPU with the default model (all-MiniLM-L6-v2), fp32:
   model -> MERGE into the target), in steady state: a first micro-batch loads the
   model in every Python worker and is timed separately.
 
-The in-process variants run ``--rounds`` times and keep each one's best round:
-once before the Spark variants and again after them, so a change in the
-machine's load (other processes) during the run does not favour one side. The
-Spark variants run once each, in a fresh SparkSession (fresh Python workers), with
-``local[N]`` on all N cores. The 1-minute load average at each variant's best run
-is recorded beside it. Peers get Spark's default Arrow batch (10,000 rows);
-the pipeline its own settings. Last, a single micro-batch of ``--rss-rows`` rows
-goes through the pipeline while the peak resident memory of every Python worker
-is read from ``/proc`` (Linux).
+Every variant runs ``--rounds`` times and keeps its best round, so each side of a
+ratio gets the same treatment on a machine whose speed drifts by a few percent
+from one minute to the next. The in-process variants run once before the Spark
+variants and again after them, so a change in the machine's load (other
+processes) during the run does not favour one side. Each Spark variant runs its
+rounds back to back, on fresh tables each round, in a SparkSession of its own
+(fresh Python workers), with ``local[N]`` on all N cores. The 1-minute load
+average at the end of each variant's runs is recorded beside it. Peers get
+Spark's default Arrow batch (10,000 rows); the pipeline its own settings. Last, a
+single micro-batch of ``--rss-rows`` rows goes through the pipeline while the
+peak resident memory of every Python worker is read from ``/proc`` (Linux).
 
 The default 8,000 texts make the pipeline's one micro-batch about a minute of
 model work on 2 cores, the least ``conf/TUNING.md`` recommends: below that, the
@@ -89,22 +91,27 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         local = InProcess(texts, model_path, skip, result)
         local.round(controls=True)
-        if "naive_udf" not in skip:
+        peers: dict[str, Callable[[], Any]] = {"naive_udf": lambda: _naive(model_path)}
+        peers["predict_batch_udf"] = lambda: _pbu(model_path, int(result.get("st_batch_size", 32)))
+        for name, udf in peers.items():
+            if name in skip:
+                continue
             with _spark(cores, work, arrow_batch=PEER_ARROW_BATCH) as spark:
-                result["naive_udf"] = peer_to_delta(
-                    spark, work, texts, cores, "naive_udf", _naive(model_path)
-                )
-                _note_load(result, "naive_udf")
-        if "predict_batch_udf" not in skip:
-            batch = int(result.get("st_batch_size", 32))
-            with _spark(cores, work, arrow_batch=PEER_ARROW_BATCH) as spark:
-                result["predict_batch_udf"] = peer_to_delta(
-                    spark, work, texts, cores, "predict_batch_udf", _pbu(model_path, batch)
-                )
-                _note_load(result, "predict_batch_udf")
+                rates = [
+                    peer_to_delta(spark, _round(work, r), texts, cores, name, udf())
+                    for r in range(args.rounds)
+                ]
+                result[name] = max(rates)
+                result[f"{name}_rounds"] = rates
+                _note_load(result, name)
         if "pipeline" not in skip:
             with _spark(cores, work) as spark:
-                result.update(pipeline(spark, work, texts, cores, args.micro_batches))
+                runs = [
+                    pipeline(spark, _round(work, r), texts, cores, args.micro_batches)
+                    for r in range(args.rounds)
+                ]
+                result.update(max(runs, key=lambda run: run["pipeline"]))
+                result["pipeline_rounds"] = [run["pipeline"] for run in runs]
                 _note_load(result, "pipeline")
         # The other rounds run right after the Spark variants, so a change in the
         # machine's load between the first round and the Spark runs evens out.
@@ -130,8 +137,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=2,
-        help="in-process rounds, best kept: the first before the Spark variants, "
-        "the rest after them (default 2)",
+        help="rounds of every variant, best kept; in-process ones run first before the "
+        "Spark variants, the rest after them (default 2)",
     )
     parser.add_argument(
         "--micro-batches", type=int, default=1, help="micro-batches the pipeline splits rows into"
@@ -271,6 +278,13 @@ def _spark(cores: int, work: Path, *, arrow_batch: int | None = None) -> Iterato
         yield spark
     finally:
         spark.stop()
+
+
+def _round(work: Path, number: int) -> Path:
+    """A fresh folder for one round of a Spark variant: new tables, new checkpoint."""
+    folder = work / f"round{number}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _write_source(
