@@ -1,25 +1,30 @@
 """Does the cost of writing one micro-batch grow with the target? (No model involved.)
 
-For each target size (10k, 100k, 1M rows by default) a target is built with
-synthetic 384-dim vectors, laid out as deltavec lays it out (sorted by key, at most
-``--rows-per-file`` rows per file). Then 1,000-row micro-batches of mixed changes
-(50% updates and 20% deletes of random existing keys, 30% new keys) are written to
-it with each strategy, restoring the table to its built version in between, and
-the sizes taking turns batch by batch (so load drifting on a shared machine weighs
-on every size alike):
+For each strategy and target size (10k, 100k, 1M rows by default) a target is
+built with synthetic 384-dim vectors, laid out as deltavec lays it out for that
+strategy (sorted by key, in files of the strategy's rows per file). Then 1,000-row
+micro-batches of mixed changes (50% updates and 20% deletes of random existing
+keys, 30% new keys) are written to it, the sizes taking turns batch by batch (so
+load drifting on a shared machine weighs on every size alike):
 
 * ``naive``: what deltavec did first: the unchanged-text lookup reads every target
   row, and one MERGE whose condition only equates keys inserts, updates and deletes.
 * ``rewrite_files``: ``streaming.merge`` on a target without deletion vectors
   (``target.deletion_vectors = false``, and every target created before that
   default): key ranges in the lookup and in the MERGE condition, existing keys
-  merged, new keys appended, rewritten files keep their key range.
-* ``deltavec``: the default: the same on a target with deletion vectors, so a
-  MERGE marks changed rows deleted instead of rewriting their files. Runs last,
-  since enabling deletion vectors upgrades the table's protocol for good.
+  merged, new keys appended, rewritten files keep their key range; files of 2,000
+  rows.
+* ``deltavec``: the default: a target with deletion vectors, so a MERGE marks
+  changed rows deleted instead of rewriting their files; files of 50,000 rows in
+  row groups of about 100, and the batch's keys listed so that the lookup and the
+  MERGE read only the row groups that can hold them.
 
-After each strategy the table is opened with ``deltavec search``'s reader
-(``VectorIndex``), which must see exactly the rows Spark sees.
+Every strategy writes its own tables under its own Delta app id: a table restored
+to an earlier version keeps the app ids' committed batch ids, so reusing one would
+make Delta skip the writes as already done. After each strategy the live rows are
+checked against the count the batches must leave, and the table is opened with
+``deltavec search``'s reader (``VectorIndex``), which must see exactly the rows
+Spark sees; a strategy that fails either check stops the benchmark.
 
 Timed per batch: the lookup of the batch's keys in the target plus the write, i.e.
 the target-side work of ``MergeSink`` for one batch. Prints seconds per batch (the
@@ -59,7 +64,6 @@ from streaming.merge import ACTION, EXISTS, TARGET_HASH, Layout, TargetWriter
 
 DIMENSIONS = 384
 MODEL_ID = "benchmark/synthetic@0000000000000000"
-# The deletion-vector strategy last: enabling them upgrades the protocol for good.
 STRATEGIES = ("naive", "rewrite_files", "deltavec")
 
 
@@ -83,22 +87,20 @@ def _vectors(seed_column: Any) -> Any:
     )
 
 
-def build_target(spark: Any, path: Path, rows: int, rows_per_file: int) -> int:
-    """Write a target of ``rows`` keys, sorted by key in files of ``rows_per_file``."""
+def build_target(spark: Any, path: Path, rows: int, layout: Layout) -> None:
+    """Write a target of ``rows`` keys as the job creates it for ``layout``, sorted by
+    key in files of ``layout.rows_per_file`` rows."""
     from pyspark.sql import functions as F
     from pyspark.sql.types import LongType, StructField
 
     shutil.rmtree(path, ignore_errors=True)
-    ref = TableRef(path=str(path))
-    # Built without deletion vectors, so every strategy starts from the same table;
-    # the ``deltavec`` strategy turns them on after restoring it.
     target.ensure_target(
         spark,
-        ref,
+        TableRef(path=str(path)),
         key_fields=[StructField("id", LongType())],
         model_identity=MODEL_ID,
         dim=DIMENSIONS,
-        deletion_vectors=False,
+        deletion_vectors=layout.deletion_vectors,
     )
     frame = spark.range(rows).select(
         F.col("id"),
@@ -109,33 +111,48 @@ def build_target(spark: Any, path: Path, rows: int, rows_per_file: int) -> int:
         F.lit(0).cast("long").alias(SOURCE_VERSION),
         F.current_timestamp().alias(EMBEDDED_AT),
     )
-    # Few tasks, each writing a sorted run of keys cut into small files: the layout
-    # the job's appends and rewrites keep.
+    # Few tasks, each writing a sorted run of keys cut into files: the layout the
+    # job's appends and rewrites keep.
     partitions = max(1, min(32, rows // 50_000))
     (
         frame.repartitionByRange(partitions, "id")
         .sortWithinPartitions("id")
         .write.format("delta")
         .mode("append")
-        .option("maxRecordsPerFile", str(rows_per_file))
+        .option("maxRecordsPerFile", str(layout.rows_per_file))
         .save(str(path))
     )
-    return int(spark.sql(f"DESCRIBE HISTORY delta.`{path}` LIMIT 1").first()["version"])
 
 
-def make_batch(spark: Any, rows: int, size: int, batch: int, seed: int) -> Any:
+def batch_plan(rows: int, size: int, batch: int, seed: int) -> list[tuple[int, str]]:
     """``size`` changes: 50% updates, 20% deletes of random existing keys, 30% new keys."""
-    from pyspark.sql import functions as F
-
     rng = random.Random(seed)
     existing = rng.sample(range(rows), int(size * 0.7))
     updates, deletes = existing[: int(size * 0.5)], existing[int(size * 0.5) :]
     fresh = [rows + batch * size + i for i in range(size - len(existing))]
-    plan = (
+    return (
         [(k, UPSERT) for k in updates]
         + [(k, DELETE) for k in deletes]
         + [(k, UPSERT) for k in fresh]
     )
+
+
+def live_after(rows: int, plans: list[list[tuple[int, str]]]) -> int:
+    """Live keys once the batches of ``plans`` are applied to keys 0 .. rows-1."""
+    live = set(range(rows))
+    for plan in plans:
+        for key, action in plan:
+            if action == UPSERT:
+                live.add(key)
+            else:
+                live.discard(key)
+    return len(live)
+
+
+def make_batch(spark: Any, plan: list[tuple[int, str]], batch: int) -> Any:
+    """The batch of ``plan`` as the sink hands it to the target writer."""
+    from pyspark.sql import functions as F
+
     frame = spark.createDataFrame(plan, f"id long, {ACTION} string")
     is_upsert = F.col(ACTION) == UPSERT
     return frame.select(
@@ -149,17 +166,27 @@ def make_batch(spark: Any, rows: int, size: int, batch: int, seed: int) -> Any:
     ).persist()
 
 
-def write_deltavec(spark: Any, writer: TargetWriter, batch: Any, batch_id: int) -> None:
-    """The sink's target-side work: pruned lookup of the batch's keys, then the write."""
+def write_deltavec(
+    spark: Any, writer: TargetWriter, batch: Any, *, app_id: str, batch_id: int
+) -> None:
+    """The sink's target-side work: pruned lookup of the batch's keys, then the write.
+
+    The lookup is persisted, as the sink persists it, so the write's count, MERGE
+    and append read the target's rows of the batch once.
+    """
+    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    ranges = writer.batch_ranges(batch)
-    existing = writer.existing(spark, batch, ranges)
-    changes = batch.join(existing, on="id", how="left").withColumn(
-        EXISTS, F.col(TARGET_HASH).isNotNull()
-    )
-    changes = changes.where(F.col(EXISTS) | (F.col(ACTION) == UPSERT)).drop(TARGET_HASH)
-    writer.write(spark, changes, app_id="benchmark", batch_id=batch_id, ranges=ranges)
+    key_filter = writer.key_filter(batch)
+    existing = writer.existing(spark, batch, key_filter).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        changes = batch.join(existing, on="id", how="left").withColumn(
+            EXISTS, F.col(TARGET_HASH).isNotNull()
+        )
+        changes = changes.where(F.col(EXISTS) | (F.col(ACTION) == UPSERT)).drop(TARGET_HASH)
+        writer.write(spark, changes, app_id=app_id, batch_id=batch_id, key_filter=key_filter)
+    finally:
+        existing.unpersist()
 
 
 def write_naive(spark: Any, path: Path, batch: Any) -> None:
@@ -206,6 +233,11 @@ def search_reads(path: Path, rows_expected: int) -> bool:
         return False
 
 
+def layout_for(strategy: str, rows_per_file: int | None) -> Layout:
+    # The naive strategy ran on the first layout: no deletion vectors, small files.
+    return Layout(max_rows_per_file=rows_per_file, deletion_vectors=strategy == "deltavec")
+
+
 def measure(
     spark: Any,
     workdir: Path,
@@ -214,35 +246,31 @@ def measure(
     strategies: list[str],
     batches: int,
     batch_size: int,
-    rows_per_file: int,
+    rows_per_file: int | None,
     log: list[dict[str, Any]],
 ) -> dict[int, dict[str, float]]:
     """Median seconds per batch for every (size, strategy).
 
     Batches for the different sizes run interleaved (10k, 100k, 1M, 10k, ...), so a
     shared machine's load, which drifts over minutes, weighs on every size alike.
+
+    Raises:
+        RuntimeError: a strategy left other rows than its batches must leave, or
+            ``deltavec search`` does not read them.
     """
-    bases = {}
-    for rows in sizes:
-        built = time.perf_counter()
-        bases[rows] = build_target(spark, workdir / f"target_{rows}", rows, rows_per_file)
-        print(
-            f"built {rows:,} rows in {table_files(spark, workdir / f'target_{rows}'):,} files "
-            f"({time.perf_counter() - built:.0f}s)",
-            flush=True,
-        )
     results: dict[int, dict[str, float]] = {rows: {} for rows in sizes}
     for strategy in strategies:
-        layout = Layout(max_rows_per_file=rows_per_file, deletion_vectors=strategy == "deltavec")
+        layout = layout_for(strategy, rows_per_file)
         writers = {}
         for rows in sizes:
-            path = workdir / f"target_{rows}"
-            spark.sql(f"RESTORE TABLE delta.`{path}` TO VERSION AS OF {bases[rows]}")
-            if layout.deletion_vectors:
-                spark.sql(
-                    f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES "
-                    "('delta.enableDeletionVectors' = 'true')"
-                )
+            path = workdir / f"{strategy}_{rows}"
+            built = time.perf_counter()
+            build_target(spark, path, rows, layout)
+            print(
+                f"{strategy}: built {rows:,} rows in {table_files(spark, path):,} files "
+                f"({time.perf_counter() - built:.0f}s)",
+                flush=True,
+            )
             writers[rows] = TargetWriter(
                 target=TableRef(path=str(path)),
                 keys=["id"],
@@ -251,21 +279,31 @@ def measure(
                 layout=layout,
             )
         seconds: dict[int, list[float]] = {rows: [] for rows in sizes}
+        plans: dict[int, list[list[tuple[int, str]]]] = {rows: [] for rows in sizes}
         for b in range(batches):
             for rows in sizes:
-                path = workdir / f"target_{rows}"
-                batch = make_batch(spark, rows, batch_size, b, seed=rows + b)
+                path = workdir / f"{strategy}_{rows}"
+                plans[rows].append(batch_plan(rows, batch_size, b, seed=rows + b))
+                batch = make_batch(spark, plans[rows][-1], b)
                 batch.count()
                 started = time.perf_counter()
                 if strategy == "naive":
                     write_naive(spark, path, batch)
                 else:
-                    write_deltavec(spark, writers[rows], batch, batch_id=b)
+                    write_deltavec(
+                        spark, writers[rows], batch, app_id=f"benchmark-{strategy}", batch_id=b
+                    )
                 seconds[rows].append(time.perf_counter() - started)
                 batch.unpersist()
         for rows in sizes:
-            path = workdir / f"target_{rows}"
+            path = workdir / f"{strategy}_{rows}"
             live = spark.read.format("delta").load(str(path)).count()
+            expected = live_after(rows, plans[rows])
+            if live != expected:
+                raise RuntimeError(
+                    f"{strategy} left {live:,} live rows in the {rows:,}-row target, "
+                    f"its batches must leave {expected:,}"
+                )
             median = statistics.median(seconds[rows])
             results[rows][strategy] = median
             entry = {
@@ -273,7 +311,9 @@ def measure(
                 "strategy": strategy,
                 "seconds_per_batch": round(median, 2),
                 "batches": [round(x, 2) for x in seconds[rows]],
+                "rows_per_file": layout.rows_per_file,
                 "files_after": table_files(spark, path),
+                "live_rows": live,
                 "search_readable": search_reads(path, live),
             }
             log.append(entry)
@@ -284,6 +324,9 @@ def measure(
                 f"{'yes' if entry['search_readable'] else 'no'})",
                 flush=True,
             )
+            if not entry["search_readable"]:
+                raise RuntimeError(f"deltavec search cannot read the {strategy} target")
+            shutil.rmtree(path, ignore_errors=True)
     return results
 
 
@@ -292,7 +335,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--batches", type=int, default=3)
-    parser.add_argument("--rows-per-file", type=int, default=Layout().max_rows_per_file)
+    parser.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=None,
+        help="rows per file for every strategy (default: each strategy's own)",
+    )
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--workdir", default=None, help="where the targets are built")
     parser.add_argument("--master", default="local[2]")

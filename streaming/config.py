@@ -114,9 +114,10 @@ class TargetConfig(TableRef):
     # Rows that cannot be embedded land here; by default next to the target.
     quarantine_path: str | None = None
     quarantine_table: str | None = None
-    # Rows per file the job appends. A changed row costs rewriting the file that
-    # holds it, so small files keep a MERGE cheap on a large target.
-    max_rows_per_file: int = Field(default=2000, gt=0)
+    # Rows per file the job appends; unset: 50,000 with deletion vectors (fewer
+    # files to open per batch), 2,000 without (a changed row costs rewriting the
+    # file that holds it). See streaming/merge.py.
+    max_rows_per_file: int | None = Field(default=None, gt=0)
     # Deletion vectors make updates and deletes rewrite no files, so a batch's MERGE
     # costs the rows it changes, not the files holding them. Only a new target takes
     # this setting; an existing one keeps what it was created with.

@@ -2,7 +2,7 @@
 
 A MERGE whose condition only equates keys joins the batch with every file of the
 target, and (without deletion vectors) rewrites every file holding a changed key.
-Three measures keep both in proportion to the batch (``benchmarks/merge_scaling.py``
+These measures keep both in proportion to the batch (``benchmarks/merge_scaling.py``
 measures them):
 
 * **Key ranges in the condition.** The batch's keys, collapsed into at most
@@ -11,6 +11,14 @@ measures them):
   Delta prunes files by their min/max statistics on such terms, so only files that
   may hold a batch key are read. (Delta turns an ``IN`` list into one range from its
   smallest to its largest value, which for scattered keys prunes nothing.)
+* **The keys themselves, down to the row group.** A batch of at most
+  ``max_listed_keys`` distinct keys also puts them into both, as ``IN`` lists;
+  Spark hands them to the Parquet reader, which skips every row group whose key
+  statistics hold none of them. The target is created with row groups of about 100
+  rows (``parquet.block.size``, a table property every Delta writer of the table
+  applies), so a touched file costs reading the row groups of the changed keys,
+  not the whole file: this matters most for Delta's deletion-vector MERGE, which
+  reads every column of the touched rows' files, vectors included.
 * **New keys are appended, not merged.** Keys the target does not hold yet are
   written by a blind append, sorted by key in files of at most
   ``max_rows_per_file`` rows; only keys that exist go through the MERGE, which then
@@ -27,9 +35,12 @@ measures them):
 
 With deletion vectors (``target.deletion_vectors``, on by default for a new
 target) Delta marks a changed row deleted in its file and writes only the changed
-rows, so a batch of scattered updates no longer rewrites most files. Without them
-a changed row costs rewriting the file that holds it, which the last measure
-keeps clustered. The search consumer (``streaming.search``) reads both.
+rows, so a batch of scattered updates no longer rewrites most files; files are
+then large (``Layout.rows_per_file``), since a batch opens every file holding one
+of its keys but reads only the row groups near them. Without deletion vectors a
+changed row costs rewriting the file that holds it, so files stay small, and the
+last measure keeps them clustered. The search consumer (``streaming.search``)
+reads both.
 
 This module imports no torch.
 """
@@ -71,12 +82,22 @@ EXISTS = "_exists"
 TARGET_HASH = "_target_hash"
 TARGET_MODEL = "_target_model"
 
+PARQUET_IN_THRESHOLD = "spark.sql.parquet.pushdown.inFilterThreshold"
 TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
 TXN_VERSION = "spark.databricks.delta.write.txnVersion"
 # The append's own app id: Delta keeps one increasing version per app id, and the
 # MERGE already records (app id, batch id).
 APPEND_SUFFIX = "-append"
 
+# Batches with at most this many distinct keys list them for row-group skipping,
+# as IN lists of at most IN_LIST_VALUES keys joined by a balanced OR. Spark hands
+# an IN list to Parquet as a chain of ORs as deep as the list is long (a list of
+# 700 overflowed a task's stack), and only up to the session's
+# PARQUET_IN_THRESHOLD values; Delta turns each list into one range for file
+# pruning, and past about 100 terms its generated pruning code outgrows the JVM's
+# method size limit (see ``max_key_ranges``).
+LISTED_KEYS = 2_048
+IN_LIST_VALUES = 64
 # Above this many rows the batch is not broadcast to every task of the MERGE.
 BROADCAST_ROWS = 50_000
 # Spark packs small files into one read task until a task holds this many bytes;
@@ -89,19 +110,57 @@ class Layout:
     """How the target's files are laid out and rewritten.
 
     Attributes:
-        max_rows_per_file: rows per file written by an append; small files make a
-            changed row cheaper to rewrite, at the price of more files.
+        max_rows_per_file: rows per file written by an append, or None for
+            ``rows_per_file``'s default.
         max_key_ranges: ranges of batch keys put into the MERGE condition. Delta
             evaluates them over every file's statistics in one generated method;
             past about 100 ranges that method outgrows the JVM's 64 KB limit and
             Spark falls back to slow interpreted evaluation, with an error logged.
+        max_listed_keys: a batch with at most this many distinct keys also lists
+            them, for row-group skipping (see ``LISTED_KEYS``).
         deletion_vectors: the target marks changed rows deleted instead of
             rewriting files (its ``delta.enableDeletionVectors`` property).
     """
 
-    max_rows_per_file: int = 2_000
+    max_rows_per_file: int | None = None
     max_key_ranges: int = 64
+    max_listed_keys: int = LISTED_KEYS
     deletion_vectors: bool = True
+
+    @property
+    def rows_per_file(self) -> int:
+        """Rows per appended file: without deletion vectors a changed row costs
+        rewriting its file, so files stay small; with them a batch costs opening
+        every file holding one of its keys, so files are large and only their row
+        groups near the keys are read."""
+        if self.max_rows_per_file is not None:
+            return self.max_rows_per_file
+        return 50_000 if self.deletion_vectors else 2_000
+
+
+@dataclass(frozen=True)
+class KeyFilter:
+    """The target rows one batch can touch, as literal terms on the first key column.
+
+    Attributes:
+        ranges: closed ranges covering the batch's keys, for Delta's file pruning.
+        values: the keys themselves, for the Parquet reader's row-group skipping;
+            None when the batch has too many.
+    """
+
+    ranges: list[tuple[Any, Any]]
+    values: list[Any] | None = None
+
+    def predicate(self, column: Column) -> Column:
+        condition = ranges_predicate(column, self.ranges)
+        if self.values:
+            ordered = sorted(self.values)
+            lists = [
+                column.isin(ordered[i : i + IN_LIST_VALUES])
+                for i in range(0, len(ordered), IN_LIST_VALUES)
+            ]
+            condition = condition & balanced_or(lists)
+        return condition
 
 
 def key_ranges(values: Sequence[Any], max_ranges: int) -> list[tuple[Any, Any]]:
@@ -143,10 +202,19 @@ def ranges_predicate(column: Column, ranges: Sequence[tuple[Any, Any]]) -> Colum
     """``column`` within any of ``ranges``, as a balanced OR tree (deep chains overflow)."""
     from pyspark.sql import functions as F
 
-    terms = [
-        column == F.lit(lo) if lo == hi else column.between(F.lit(lo), F.lit(hi))
-        for lo, hi in ranges
-    ]
+    return balanced_or(
+        [
+            column == F.lit(lo) if lo == hi else column.between(F.lit(lo), F.lit(hi))
+            for lo, hi in ranges
+        ]
+    )
+
+
+def balanced_or(terms: Sequence[Column]) -> Column:
+    """Any of ``terms``, as a balanced OR tree: a chain as deep as it is long
+    overflows the stack of whatever walks it."""
+    from pyspark.sql import functions as F
+
     if not terms:
         return F.lit(False)
     while len(terms) > 1:
@@ -188,26 +256,31 @@ class TargetWriter:
 
     # -- reading ------------------------------------------------------------------------
 
-    def batch_ranges(self, frame: DataFrame) -> list[tuple[Any, Any]] | None:
-        """Ranges of the frame's first key column; None when they cannot be literals."""
+    def key_filter(self, frame: DataFrame) -> KeyFilter | None:
+        """The frame's first key column as a filter; None when it cannot be literals."""
         first = self.keys[0]
         values = [r[0] for r in frame.select(first).distinct().collect()]
         if not all(_literal_safe(v) for v in values if v is not None):
             return None
-        return key_ranges(values, self.layout.max_key_ranges)
+        present = [v for v in values if v is not None]
+        return KeyFilter(
+            ranges=key_ranges(present, self.layout.max_key_ranges),
+            values=present if len(present) <= self.layout.max_listed_keys else None,
+        )
 
     def existing(
-        self, spark: SparkSession, frame: DataFrame, ranges: list[tuple[Any, Any]] | None
+        self, spark: SparkSession, frame: DataFrame, key_filter: KeyFilter | None
     ) -> DataFrame:
         """Target rows for the frame's keys: keys, ``_target_hash``, ``_target_model``.
 
-        Only files whose key statistics overlap ``ranges`` are read.
+        Only files (and row groups) whose key statistics can hold a key of
+        ``key_filter`` are read.
         """
         from pyspark.sql import functions as F
 
         rows = tables.read(spark, self.target)
-        if ranges is not None:
-            rows = rows.where(ranges_predicate(F.col(self.keys[0]), ranges))
+        if key_filter is not None:
+            rows = rows.where(key_filter.predicate(F.col(self.keys[0])))
         wanted = frame.select(*self.keys).distinct()
         return rows.select(
             *self.keys,
@@ -224,7 +297,7 @@ class TargetWriter:
         *,
         app_id: str,
         batch_id: int,
-        ranges: list[tuple[Any, Any]] | None,
+        key_filter: KeyFilter | None,
     ) -> dict[str, int]:
         """Apply one batch: MERGE updates and deletes of existing keys, append new keys.
 
@@ -234,7 +307,7 @@ class TargetWriter:
                 ``_text_hash`` and ``_source_version``.
             app_id: the checkpoint's Delta txn app id.
             batch_id: the micro-batch id, the Delta txn version.
-            ranges: the batch's key ranges (``batch_ranges``), or None.
+            key_filter: the batch's keys (``key_filter``), or None.
 
         Returns:
             Rows sent to the MERGE and to the append.
@@ -250,7 +323,7 @@ class TargetWriter:
         merged = int((counts["merge"] if counts else 0) or 0)
         appended = int((counts["append"] if counts else 0) or 0)
         if merged:
-            self._merge(spark, changes.where(F.col(EXISTS)), merged, app_id, batch_id, ranges)
+            self._merge(spark, changes.where(F.col(EXISTS)), merged, app_id, batch_id, key_filter)
             faults.maybe_fail("between_writes")
         if appended:
             inserts = changes.where(~F.col(EXISTS) & (F.col(ACTION) == UPSERT))
@@ -276,7 +349,7 @@ class TargetWriter:
         count: int,
         app_id: str,
         batch_id: int,
-        ranges: list[tuple[Any, Any]] | None,
+        key_filter: KeyFilter | None,
     ) -> None:
         from pyspark.sql import functions as F
 
@@ -284,18 +357,22 @@ class TargetWriter:
         condition = F.lit(True)
         for key in self.keys:
             condition = condition & F.col(f"t.`{key}`").eqNullSafe(F.col(f"s.`{key}`"))
-        if ranges is not None:
-            condition = condition & ranges_predicate(F.col(f"t.`{self.keys[0]}`"), ranges)
+        if key_filter is not None:
+            condition = condition & key_filter.predicate(F.col(f"t.`{self.keys[0]}`"))
         # Never let an older source version overwrite a newer one (a late retry).
         newer = (
             f"(t.`{SOURCE_VERSION}` IS NULL OR s.`{BATCH_SOURCE_VERSION}` IS NULL "
             f"OR t.`{SOURCE_VERSION}` <= s.`{BATCH_SOURCE_VERSION}`)"
         )
         settings = {TXN_APP_ID: app_id, TXN_VERSION: str(batch_id)}
+        if key_filter is not None and key_filter.values:
+            # Also in a session deltavec did not build: the lists reach Parquet.
+            threshold = int(spark.conf.get(PARQUET_IN_THRESHOLD, "10") or 10)
+            settings[PARQUET_IN_THRESHOLD] = str(max(threshold, IN_LIST_VALUES))
         # Keeping each rewritten file's key range only pays while the ranges prune
         # precisely. Keys scattered over the whole table (more runs than ranges) touch
         # most files anyway, and one task per file would only add task overhead.
-        precise = ranges is not None and len(ranges) < self.layout.max_key_ranges
+        precise = key_filter is not None and len(key_filter.ranges) < self.layout.max_key_ranges
         # With deletion vectors a MERGE rewrites no file, so there is no key range
         # to keep and one task per file would only add task overhead.
         if precise and not self.layout.deletion_vectors:
@@ -326,16 +403,16 @@ class TargetWriter:
             *[F.col(c).alias(n) if isinstance(c, str) else c.alias(n) for n, c in values.items()],
         )
         # Sorted by key, so each new file covers a narrow key range the pruning can use.
-        if count <= self.layout.max_rows_per_file:
+        if count <= self.layout.rows_per_file:
             frame = frame.coalesce(1).sortWithinPartitions(*self.keys)
         else:
             # A range partitioning costs a sampling pass; only worth it for large batches.
-            files = math.ceil(count / self.layout.max_rows_per_file)
+            files = math.ceil(count / self.layout.rows_per_file)
             frame = frame.repartitionByRange(files, *self.keys).sortWithinPartitions(*self.keys)
         writer = (
             frame.write.format("delta")
             .mode("append")
-            .option("maxRecordsPerFile", str(self.layout.max_rows_per_file))
+            .option("maxRecordsPerFile", str(self.layout.rows_per_file))
             # Per-write options rather than session settings: nothing else in the
             # session can pick them up.
             .option("txnAppId", app_id + APPEND_SUFFIX)

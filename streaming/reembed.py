@@ -55,8 +55,8 @@ from streaming.columns import (
 )
 from streaming.config import DeltavecConfig, TableRef
 from streaming.errors import CheckpointError, TargetError
-from streaming.merge import session_settings
-from streaming.target import DIM_PROPERTY, MODEL_PROPERTY
+from streaming.merge import Layout, session_settings
+from streaming.target import DIM_PROPERTY, MODEL_PROPERTY, target_deletion_vectors
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -312,9 +312,15 @@ class Reembed:
         name = cfg.target.table or f"delta.`{cfg.target.path}`"
         listed = ", ".join(f"'{_sql(k)}' = '{_sql(v)}'" for k, v in sorted(properties.items()))
         order = ", ".join(f"`{k}`" for k in keys)
-        # Sorted by key in small files: the layout the job's MERGE relies on.
+        # Sorted by key in files of the job's size: the layout its MERGE relies on.
+        layout = Layout(
+            max_rows_per_file=cfg.target.max_rows_per_file,
+            deletion_vectors=target_deletion_vectors(
+                spark, cfg.target, default=cfg.target.deletion_vectors
+            ),
+        )
         with session_settings(
-            spark, {"spark.sql.files.maxRecordsPerFile": str(cfg.target.max_rows_per_file)}
+            spark, {"spark.sql.files.maxRecordsPerFile": str(layout.rows_per_file)}
         ):
             spark.sql(
                 f"CREATE OR REPLACE TABLE {name} USING delta TBLPROPERTIES ({listed}) "

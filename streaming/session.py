@@ -20,6 +20,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from streaming.merge import IN_LIST_VALUES, PARQUET_IN_THRESHOLD
+
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
@@ -37,6 +39,11 @@ _RUNTIME_DEFAULTS = {
     # worker's memory small; the token budget decides the forward-pass size.
     # Measured in conf/TUNING.md; conf/spark-gpu.conf raises it for GPUs.
     "spark.sql.execution.arrow.maxRecordsPerBatch": "2048",
+    # Spark hands an IN list of at most this many values to the Parquet reader
+    # (which then skips row groups holding none of them) and turns a longer one into
+    # a single min-max range. The sink lists a micro-batch's keys in lists of this
+    # size (streaming/merge.py); Spark's default of 10 would make them ranges.
+    PARQUET_IN_THRESHOLD: str(IN_LIST_VALUES),
 }
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from streaming import changes, delta_log, faults, tables
 from streaming.balance import spread_by_length
@@ -41,7 +41,15 @@ from streaming.columns import (
 )
 from streaming.config import TableRef
 from streaming.logs import kv
-from streaming.merge import ACTION, EXISTS, TARGET_HASH, TARGET_MODEL, Layout, TargetWriter
+from streaming.merge import (
+    ACTION,
+    EXISTS,
+    TARGET_HASH,
+    TARGET_MODEL,
+    KeyFilter,
+    Layout,
+    TargetWriter,
+)
 from streaming.retry import retry_conflicts
 from streaming.source import check_batch_columns
 
@@ -221,8 +229,8 @@ class MergeSink:
             keyed = acts.where(~F.col(IS_DUPLICATE) & ~changes.any_null(self.keys))
             # The target rows of this batch's keys, read once from the files whose key
             # range can hold them: for skipping unchanged text and for the MERGE.
-            ranges = self.writer.batch_ranges(keyed)
-            existing = self.writer.existing(spark, keyed, ranges).persist(
+            key_filter = self.writer.key_filter(keyed)
+            existing = self.writer.existing(spark, keyed, key_filter).persist(
                 StorageLevel.MEMORY_AND_DISK
             )
 
@@ -243,7 +251,7 @@ class MergeSink:
             faults.maybe_fail("before_merge")
             with clock("merge"):
                 if report.embedded or report.deletes or report.quarantined:
-                    self._merge_target(spark, acts, embedded, existing, batch_id, ranges)
+                    self._merge_target(spark, acts, embedded, existing, batch_id, key_filter)
                 self._merge_quarantine(spark, acts, embedded, batch_id, report)
             faults.maybe_fail("after_merge")
         finally:
@@ -366,7 +374,7 @@ class MergeSink:
         embedded: DataFrame,
         existing: DataFrame,
         batch_id: int,
-        ranges: list[Any] | None,
+        key_filter: KeyFilter | None,
     ) -> None:
         from pyspark.sql import functions as F
 
@@ -396,7 +404,9 @@ class MergeSink:
             .withColumn(EXISTS, F.lit(True))
         )
         source = upserts.unionByName(deletes, allowMissingColumns=True)
-        self.writer.write(spark, source, app_id=self.app_id, batch_id=batch_id, ranges=ranges)
+        self.writer.write(
+            spark, source, app_id=self.app_id, batch_id=batch_id, key_filter=key_filter
+        )
 
     def _merge_quarantine(
         self,

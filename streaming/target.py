@@ -30,6 +30,14 @@ TEMPLATE_PROPERTY = "deltavec.template"
 
 DELETION_VECTORS_PROPERTY = "delta.enableDeletionVectors"
 STATS_COLUMNS_PROPERTY = "delta.dataSkippingStatsColumns"
+# Delta hands table properties to the Parquet writer of every write (append, MERGE,
+# OPTIMIZE), so this one sizes the target's row groups whoever writes.
+ROW_GROUP_PROPERTY = "parquet.block.size"
+# Parquet checks a row group's size every 100 rows at first, so a row group holds
+# at least 100 rows: about 100 with 384-dim vectors (1.5 KB a row). Small row
+# groups let a lookup or a deletion-vector MERGE read only the rows near the
+# batch's keys (streaming/merge.py).
+ROW_GROUP_BYTES = 128 * 1024
 
 QUARANTINE_COLUMNS = (
     "key",
@@ -123,6 +131,9 @@ def ensure_target(
             # Statistics on the keys prune files for the MERGE; statistics on
             # vectors and hashes would only make the log larger.
             STATS_COLUMNS_PROPERTY: ",".join([*(f.name for f in key_fields), SOURCE_VERSION]),
+            # Without deletion vectors a MERGE rewrites whole files anyway, and small
+            # row groups would only make that slower.
+            **({ROW_GROUP_PROPERTY: str(ROW_GROUP_BYTES)} if deletion_vectors else {}),
             **(consumer_properties or {}),
         },
     )

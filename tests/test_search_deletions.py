@@ -72,13 +72,13 @@ class Target:
         # from an array that provably has none.
         zero = F.lit(0.0).cast("float")
         batch = batch.withColumn(EMBEDDING, F.transform(EMBEDDING, lambda x: F.coalesce(x, zero)))
-        ranges = self.writer.batch_ranges(batch)
-        existing = self.writer.existing(self.spark, batch, ranges)
+        key_filter = self.writer.key_filter(batch)
+        existing = self.writer.existing(self.spark, batch, key_filter)
         changes = batch.join(existing, on="id", how="left").withColumn(
             EXISTS, F.col(TARGET_HASH).isNotNull()
         )
         changes = changes.where(F.col(EXISTS) | (F.col(ACTION) == UPSERT)).drop(TARGET_HASH)
-        self.writer.write(self.spark, changes, app_id="test", batch_id=b, ranges=ranges)
+        self.writer.write(self.spark, changes, app_id="test", batch_id=b, key_filter=key_filter)
 
     def spark_rows(self) -> tuple[np.ndarray, np.ndarray]:
         rows = sorted(
