@@ -67,7 +67,7 @@ MODEL_ID = "benchmark/synthetic@0000000000000000"
 STRATEGIES = ("naive", "rewrite_files", "deltavec")
 
 
-def _vectors(seed_column: Any) -> Any:
+def synthetic_vectors(seed_column: Any) -> Any:
     """A deterministic pseudo-random float vector per row, computed inside Spark.
 
     Integer arithmetic (a multiplicative hash) rather than a hash function per
@@ -104,7 +104,7 @@ def build_target(spark: Any, path: Path, rows: int, layout: Layout) -> None:
     )
     frame = spark.range(rows).select(
         F.col("id"),
-        _vectors(F.col("id")).alias(EMBEDDING),
+        synthetic_vectors(F.col("id")).alias(EMBEDDING),
         F.lit(MODEL_ID).alias(MODEL),
         F.lit(DIMENSIONS).alias(DIM),
         F.sha2(F.col("id").cast("string"), 256).alias(TEXT_HASH),
@@ -158,7 +158,7 @@ def make_batch(spark: Any, plan: list[tuple[int, str]], batch: int) -> Any:
     return frame.select(
         "id",
         ACTION,
-        F.when(is_upsert, _vectors(F.col("id") + F.lit(batch + 1))).alias(EMBEDDING),
+        F.when(is_upsert, synthetic_vectors(F.col("id") + F.lit(batch + 1))).alias(EMBEDDING),
         F.when(
             is_upsert, F.sha2(F.concat(F.col("id").cast("string"), F.lit(f"#{batch}")), 256)
         ).alias(BATCH_TEXT_HASH),

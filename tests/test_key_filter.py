@@ -12,14 +12,13 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.merge_scaling import DIMENSIONS, synthetic_vectors, write_deltavec
 from streaming import target
 from streaming.columns import BATCH_SOURCE_VERSION, BATCH_TEXT_HASH, DELETE, EMBEDDING, UPSERT
 from streaming.config import TableRef
 from streaming.merge import (
     ACTION,
-    EXISTS,
     IN_LIST_VALUES,
-    TARGET_HASH,
     KeyFilter,
     Layout,
     TargetWriter,
@@ -29,23 +28,9 @@ from streaming.search import VectorIndex
 
 pytestmark = pytest.mark.slow
 
-DIM = 384  # the default model's size: 1.5 KB a row, so row groups of about 100 rows
+DIM = DIMENSIONS  # the default model's 384: 1.5 KB a row, so row groups of about 100 rows
 MODEL_ID = "test/model@0123456789abcdef"
 ROWS = 3_000
-
-
-def vectors(key: Any, salt: int) -> Any:
-    """Incompressible pseudo-random vectors, so row groups fill as real vectors do."""
-    from pyspark.sql import functions as F
-
-    seed = key * F.lit(7919) + F.lit(salt * 104729)
-    return F.transform(
-        F.sequence(F.lit(0), F.lit(DIM - 1)),
-        lambda i: F.coalesce(
-            (F.pmod(seed + i * F.lit(40503), F.lit(20011)) / 20011.0).cast("float"),
-            F.lit(0.0).cast("float"),
-        ),
-    )
 
 
 def write(spark: Any, writer: TargetWriter, plan: list[tuple[int, str]], batch_id: int) -> None:
@@ -57,20 +42,14 @@ def write(spark: Any, writer: TargetWriter, plan: list[tuple[int, str]], batch_i
     batch = frame.select(
         "id",
         ACTION,
-        F.when(upsert, vectors(F.col("id"), batch_id)).alias(EMBEDDING),
+        # Incompressible, so row groups fill as real vectors do.
+        F.when(upsert, synthetic_vectors(F.col("id") + F.lit(batch_id))).alias(EMBEDDING),
         F.when(upsert, F.concat(F.col("id").cast("string"), F.lit(f"#{batch_id}"))).alias(
             BATCH_TEXT_HASH
         ),
         F.lit(batch_id).cast("long").alias(BATCH_SOURCE_VERSION),
     )
-    key_filter = writer.key_filter(batch)
-    existing = writer.existing(spark, batch, key_filter).persist()
-    changes = batch.join(existing, on="id", how="left").withColumn(
-        EXISTS, F.col(TARGET_HASH).isNotNull()
-    )
-    changes = changes.where(F.col(EXISTS) | upsert).drop(TARGET_HASH)
-    writer.write(spark, changes, app_id="test", batch_id=batch_id, key_filter=key_filter)
-    existing.unpersist()
+    write_deltavec(spark, writer, batch, app_id="test", batch_id=batch_id)
 
 
 def new_target(spark: Any, path: Path, layout: Layout) -> TargetWriter:
