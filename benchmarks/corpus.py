@@ -47,7 +47,7 @@ def sentences() -> tuple[list[str], str]:
             for row in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
                 out += [row[5], row[6]]
         return out, "STS-B dev sentences"
-    papers = REPO / "streaming" / "demo_data" / "papers.jsonl"
+    papers = REPO / "streaming" / "deltavec" / "commands" / "demo_data" / "papers.jsonl"
     out = []
     for line in papers.read_text(encoding="utf-8").splitlines():
         paper = json.loads(line)

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sentence_transformers import SentenceTransformer
 
-    from streaming.encoder import Encoder, EncoderSpec
+    from deltavec.embed.encoder import Encoder, EncoderSpec
 
     started = time.perf_counter()
     encoder = Encoder(EncoderSpec(model=model_path, device=device, precision=args.precision))
@@ -182,7 +182,7 @@ def _lengths(encoder: Any, texts: list[str]) -> Any:
 
 
 def _variant(encoder: Any, model_path: str, device: str, precision: str, budget: int) -> Any:
-    from streaming.encoder import Encoder, EncoderSpec
+    from deltavec.embed.encoder import Encoder, EncoderSpec
 
     if budget == encoder.batch_tokens and precision == encoder.spec.precision:
         return encoder

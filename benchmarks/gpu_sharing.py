@@ -48,7 +48,7 @@ class Result:
 def sample_texts(count: int) -> list[str]:
     """The demo's paper titles and abstracts (shipped with the package), repeated."""
     lines = (
-        resources.files("streaming").joinpath("demo_data/papers.jsonl").read_text("utf-8")
+        resources.files("deltavec.commands").joinpath("demo_data/papers.jsonl").read_text("utf-8")
     ).splitlines()
     papers = [json.loads(line) for line in lines if line.strip()]
     texts = [f"{p['title']} [SEP] {p['abstract']}" for p in papers]
@@ -59,7 +59,7 @@ def bert_base_folder(dest: Path) -> Path:
     """A randomly initialised BERT-base with the default model's tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from streaming.models import resolve_model
+    from deltavec.embed.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
     config = BertConfig(vocab_size=tokenizer.vocab_size)  # BertConfig's defaults are BERT-base
@@ -71,7 +71,7 @@ def bert_base_folder(dest: Path) -> Path:
 def _worker(model: str, device: str, texts: list[str], start: Any, ready: Any, out: Any) -> None:
     import torch
 
-    from streaming.encoder import Encoder, EncoderSpec
+    from deltavec.embed.encoder import Encoder, EncoderSpec
 
     encoder = Encoder(EncoderSpec(model=model, device=device, threads=1))
     encoder.encode(texts[:256])  # warm up kernels and the allocator
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
 
-    from streaming.models import resolve_model
+    from deltavec.embed.models import resolve_model
 
     texts = sample_texts(args.texts)
     with tempfile.TemporaryDirectory() as tmp:

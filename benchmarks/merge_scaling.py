@@ -9,7 +9,7 @@ load drifting on a shared machine weighs on every size alike):
 
 * ``naive``: what deltavec did first: the unchanged-text lookup reads every target
   row, and one MERGE whose condition only equates keys inserts, updates and deletes.
-* ``rewrite_files``: ``streaming.merge`` on a target without deletion vectors
+* ``rewrite_files``: ``deltavec.sink.merge`` on a target without deletion vectors
   (``target.deletion_vectors = false``, and every target created before that
   default): key ranges in the lookup and in the MERGE condition, existing keys
   merged, new keys appended, rewritten files keep their key range; files of 2,000
@@ -46,8 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streaming import target
-from streaming.columns import (
+from deltavec.columns import (
     BATCH_SOURCE_VERSION,
     BATCH_TEXT_HASH,
     DELETE,
@@ -59,8 +58,9 @@ from streaming.columns import (
     TEXT_HASH,
     UPSERT,
 )
-from streaming.config import TableRef
-from streaming.merge import ACTION, EXISTS, TARGET_HASH, Layout, TargetWriter
+from deltavec.config import TableRef
+from deltavec.sink import target
+from deltavec.sink.merge import ACTION, EXISTS, TARGET_HASH, Layout, TargetWriter
 
 DIMENSIONS = 384
 MODEL_ID = "benchmark/synthetic@0000000000000000"
@@ -225,7 +225,7 @@ def table_files(spark: Any, path: Path) -> int:
 
 def search_reads(path: Path, rows_expected: int) -> bool:
     """Whether the JVM-free search reader opens the table and sees every live row."""
-    from streaming.search import VectorIndex
+    from deltavec.search import VectorIndex
 
     try:
         return len(VectorIndex(str(path))) == rows_expected
@@ -347,7 +347,7 @@ def main() -> None:
     parser.add_argument("--driver-memory", default="4g")
     args = parser.parse_args()
 
-    from streaming.session import build_session
+    from deltavec.runtime.session import build_session
 
     spark = build_session(
         master=args.master,

@@ -38,10 +38,10 @@ def _best(action: Callable[[], Any], repeat: int) -> float:
 def stats_column_cost(repeat: int) -> dict[str, float]:
     import pyarrow as pa
 
-    from streaming.columns import TEXT
-    from streaming.encoder import EncoderSpec, encode_isolating_failures
-    from streaming.models import resolve_model
-    from streaming.udf import EmbedBatches, encode_stats_column, get_encoder
+    from deltavec.columns import TEXT
+    from deltavec.embed.encoder import EncoderSpec, encode_isolating_failures
+    from deltavec.embed.models import resolve_model
+    from deltavec.embed.udf import EmbedBatches, encode_stats_column, get_encoder
 
     spec = EncoderSpec(model=resolve_model("default"), device="cpu")
     encoder = get_encoder(spec)
@@ -56,11 +56,11 @@ def stats_column_cost(repeat: int) -> dict[str, float]:
 
 def refresh_cost(commits: int, rows: int, repeat: int) -> dict[str, float]:
     """One metrics refresh against a target of ``rows // 10`` rows, then of ``rows`` rows."""
-    from streaming.checkpoint import Checkpoint
-    from streaming.config import TableRef
-    from streaming.delta_log import DeltaLog, row_count
-    from streaming.lag import measure_lag
-    from streaming.session import build_session
+    from deltavec.checkpointing.checkpoint import Checkpoint
+    from deltavec.config import TableRef
+    from deltavec.observe.lag import measure_lag
+    from deltavec.runtime.delta_log import DeltaLog, row_count
+    from deltavec.runtime.session import build_session
 
     spark = build_session(
         master="local[2]", app_name="metrics-overhead", conf={"spark.ui.enabled": "false"}

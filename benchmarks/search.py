@@ -36,8 +36,8 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streaming.search import VectorIndex
-from streaming.search.approximate import default_nlist, default_nprobe
+from deltavec.search import VectorIndex
+from deltavec.search.approximate import default_nlist, default_nprobe
 
 DIM = 384
 MODEL = "synthetic/bench@0000000000000000"

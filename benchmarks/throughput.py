@@ -50,7 +50,7 @@ from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-# Spark's Python workers import this checkout (benchmarks.peers, streaming), not
+# Spark's Python workers import this checkout (benchmarks.peers, deltavec), not
 # whatever copy of the package the interpreter has installed.
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": _cpu_name(),
         "load_average_start": round(os.getloadavg()[0], 1),
     }
-    from streaming.models import resolve_model
+    from deltavec.embed.models import resolve_model
 
     model_path = resolve_model("default")
     skip = set(args.skip)
@@ -189,7 +189,7 @@ class InProcess:
         import torch
         from sentence_transformers import SentenceTransformer
 
-        from streaming.encoder import Encoder, EncoderSpec
+        from deltavec.embed.encoder import Encoder, EncoderSpec
 
         self.texts = texts
         self.result = result
@@ -262,7 +262,7 @@ def _one_thread(fn: Callable[[], _T]) -> _T:
 @contextlib.contextmanager
 def _spark(cores: int, work: Path, *, arrow_batch: int | None = None) -> Iterator[Any]:
     """A fresh local SparkSession (and so fresh Python workers) for one variant."""
-    from streaming.session import build_session
+    from deltavec.runtime.session import build_session
 
     conf = {
         "spark.ui.enabled": "false",
@@ -336,7 +336,7 @@ def peer_to_delta(
 
 
 def _job_config(work: Path, name: str, cores: int, files_per_batch: int) -> Any:
-    from streaming.config import DeltavecConfig
+    from deltavec.config import DeltavecConfig
 
     return DeltavecConfig(
         source={
@@ -364,8 +364,8 @@ def pipeline(
     every benchmark micro-batch with Spark's own offset and commit bookkeeping in
     between, as in a running job, and no start-up work.
     """
-    from streaming.job import Job
-    from streaming.sink import BatchReport
+    from deltavec.commands.job import Job
+    from deltavec.sink.batch import BatchReport
 
     source = work / "pipeline_source"
     warmup = [f"warm-up text number {i}" for i in range(WARMUP_ROWS)]
@@ -406,7 +406,7 @@ def pipeline(
 
 def peak_memory(spark: Any, work: Path, texts: list[str], cores: int) -> dict[str, Any]:
     """One micro-batch of ``len(texts)`` rows; the peak RSS of each Python worker."""
-    from streaming.job import Job
+    from deltavec.commands.job import Job
 
     _write_source(spark, work / "rss_source", texts, files=cores * 4)
     config = _job_config(work, "rss", cores, files_per_batch=10_000)

@@ -6,7 +6,7 @@
 #
 # Where CUDA_VISIBLE_DEVICES is set (by a scheduler, or by hand), its entries
 # are the addresses, so a task is never given a GPU its process cannot see; the
-# encoder turns an address back into torch's numbering (streaming/udf.py,
+# encoder turns an address back into torch's numbering (deltavec/embed/udf.py,
 # cuda_ordinal). Otherwise the addresses are nvidia-smi's indices, which inside a
 # container are the GPUs the container runtime exposed. No GPU: no addresses, and
 # Spark refuses to start an executor that asked for one, which is the clear

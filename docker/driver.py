@@ -16,6 +16,6 @@ import sys
 
 os.environ.setdefault("DELTAVEC_SPARK__MASTER", "")
 
-from streaming.cli import main
+from deltavec.cli import main
 
 sys.exit(main())

@@ -36,7 +36,7 @@ package() {
 jars() {
     local python="$1" dest="$2" extra="${3:-}" spark_home coordinates ivy
     spark_home="$("${python}" -I -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))')"
-    coordinates="$("${python}" -I -c 'from streaming.session import delta_packages as p; print(",".join(p()))')"
+    coordinates="$("${python}" -I -c 'from deltavec.runtime.session import delta_packages as p; print(",".join(p()))')"
     coordinates="${coordinates}${extra:+,${extra}}"
     ivy="$(mktemp -d)"
     # spark-submit resolves --packages before it starts the application, so a
@@ -66,18 +66,18 @@ jars() {
 check() {
     local python="$1"
     "$(dirname "${python}")/deltavec" --help > /dev/null
-    # -I: import what is installed, not a streaming/ folder in the working directory.
+    # -I: import what is installed, not the checkout's source folder in the working directory.
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "${python}" -I - << 'EOF'
-import streaming
-from streaming.encoder import Encoder, EncoderSpec
-from streaming.models import resolve_model
-from streaming.session import delta_on_classpath, spark_home
+import deltavec
+from deltavec.embed.encoder import Encoder, EncoderSpec
+from deltavec.embed.models import resolve_model
+from deltavec.runtime.session import delta_on_classpath, spark_home
 
 encoder = Encoder(EncoderSpec(model=resolve_model("default"), device="cpu"))
 vectors, _ = encoder.encode(["deltavec image check"])
 assert vectors.shape == (1, 384), vectors.shape
 assert delta_on_classpath(), f"no delta-spark JAR in {spark_home()}/jars"
-print(f"deltavec ok: {streaming.__file__}, model {encoder.spec.model}, jars in {spark_home()}/jars")
+print(f"deltavec ok: {deltavec.__file__}, model {encoder.spec.model}, jars in {spark_home()}/jars")
 EOF
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +15,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 STS_REFERENCE_SPEARMAN = 0.8672
 
-# Spark's Python workers inherit this, so they import this checkout's package
-# (not another copy on the path) whatever folder Spark starts them in.
+SOURCE_ROOT = REPO / "streaming"
+# This process and every process it starts (Spark's Python workers, the job as a
+# subprocess) import this checkout's package, not another copy on the path,
+# whatever folder they start in; the repository root is there for ``benchmarks``.
+sys.path.insert(0, str(SOURCE_ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+    p for p in (str(SOURCE_ROOT), str(REPO), os.environ.get("PYTHONPATH", "")) if p
 )
 
 
@@ -51,7 +55,7 @@ def sts_pairs() -> list[tuple[float, str, str]]:
 
 @pytest.fixture(scope="session")
 def spark() -> Iterator[Any]:
-    from streaming.session import build_session
+    from deltavec.runtime.session import build_session
 
     warehouse = REPO / ".pytest_cache" / "spark-warehouse"
     session = build_session(
@@ -128,15 +132,15 @@ def read_target(spark: Any, path: Path | str) -> list[Any]:
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
-    from streaming.models import resolve_model
+    from deltavec.embed.models import resolve_model
 
     return resolve_model("default")
 
 
 @pytest.fixture(scope="session")
 def encoder(model_path: str) -> Any:
-    from streaming.encoder import EncoderSpec
-    from streaming.udf import get_encoder
+    from deltavec.embed.encoder import EncoderSpec
+    from deltavec.embed.udf import get_encoder
 
     return get_encoder(EncoderSpec(model=model_path, device="cpu"))
 

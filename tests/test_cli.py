@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def _deltavec(*args: str) -> list[str]:
-    return [sys.executable, "-m", "streaming.cli", *args]
+    return [sys.executable, "-m", "deltavec.cli", *args]
 
 
 def test_ctrl_c_stops_the_continuous_job_cleanly(

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from streaming.config import load_config, template_columns
-from streaming.errors import ConfigError
+from deltavec.config import load_config, template_columns
+from deltavec.errors import ConfigError
 from tests.conftest import write_config
 
 

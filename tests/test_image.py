@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from streaming.config import MetricsConfig
+from deltavec.config import MetricsConfig
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -322,7 +322,7 @@ def test_install_script_builds_a_working_offline_installation(tmp_path: Path) ->
         [install, "check", python], env=image_env, capture_output=True, text=True
     )
     assert check.returncode == 0, check.stderr[-3000:]
-    assert f"deltavec ok: {venv_site}/streaming/__init__.py" in check.stdout
+    assert f"deltavec ok: {venv_site}/deltavec/__init__.py" in check.stdout
 
     # With the JARs on Spark's classpath, Delta works and Ivy resolves nothing.
     table = tmp_path / "table"
@@ -343,7 +343,7 @@ def test_install_script_builds_a_working_offline_installation(tmp_path: Path) ->
 _WRITE_AND_READ_DELTA = textwrap.dedent(
     """
     import sys
-    from streaming.session import build_session
+    from deltavec.runtime.session import build_session
     spark = build_session(master="local[1]", app_name="image-check",
                           conf={"spark.ui.enabled": "false"})
     assert "spark.jars.packages" not in dict(spark.sparkContext.getConf().getAll())

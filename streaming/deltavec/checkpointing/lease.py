@@ -1,0 +1,287 @@
+"""An exclusive lease on a checkpoint, so two jobs never write through one checkpoint.
+
+Spark itself does not stop a second query on the same checkpoint from starting; two
+of them would interleave offsets and commits and feed the target the same batches
+twice. deltavec therefore takes a lease before it touches a table:
+
+* The lease is a numbered file, ``<checkpoint>/_deltavec/lease/<generation>.json``.
+  The job holding the highest generation owns the checkpoint. Taking the lease means
+  creating the next generation with an *exclusive* create, so of two jobs racing for
+  it exactly one wins, and nothing is ever deleted to take it (a delete-then-create
+  scheme lets two jobs each delete the other's fresh file).
+* The owner rewrites its file every ``ttl / 3`` seconds (a heartbeat with a counter
+  and a wall-clock time). A second job that finds a lease being renewed is refused
+  with one line naming the owner.
+* A lease is stale, and is taken over at once, when its owner cleared it on exit,
+  when the owner ran on this host and its process is gone (a SIGKILLed job restarts
+  without waiting), or when it was last renewed more than ``ttl`` seconds ago. A
+  lease held on another host whose heartbeat stops is taken over after ``ttl``.
+* An owner that finds a higher generation than its own has lost the lease (it was
+  paused for longer than ``ttl``); it stops before its next micro-batch.
+
+Guarantees: the exclusive create is atomic on local file systems (``O_EXCL``), HDFS,
+ABFS and GCS, so there the lease is exclusive. S3 has no atomic create through
+Hadoop's S3A: two jobs started within the same instant could both win, though a job
+started while another one renews its lease is always refused. Staleness across
+hosts compares wall clocks, so hosts should keep NTP time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from deltavec.checkpointing.lease_stores import LeaseStore
+from deltavec.errors import CheckpointError
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL_S = 30.0
+
+
+@dataclass(frozen=True)
+class Holder:
+    """What a lease file says about the job holding it."""
+
+    owner: str
+    host: str
+    pid: int
+    started: str | None
+    renewed_at: float
+    beat: int
+    released: bool = False
+
+    @classmethod
+    def parse(cls, text: str | None) -> Holder | None:
+        if not text:
+            return None
+        try:
+            data = json.loads(text)
+            return cls(
+                owner=str(data["owner"]),
+                host=str(data["host"]),
+                pid=int(data["pid"]),
+                started=data.get("started"),
+                renewed_at=float(data["renewed_at"]),
+                beat=int(data["beat"]),
+                released=bool(data.get("released", False)),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host}"
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of a process (Linux), to tell a live owner from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may contain spaces, so count from its end.
+    return stat[stat.rfind(")") + 2 :].split()[19]
+
+
+def _process_alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return started is None or _process_start(pid) in (None, started)
+
+
+class CheckpointLease:
+    """The lease one job holds on one checkpoint.
+
+    Args:
+        store: the lease folder (see ``store_for``).
+        location: the checkpoint, for messages.
+        ttl_s: seconds without a heartbeat after which a lease is stale.
+        on_lost: called (from the heartbeat thread) if another job takes the lease over.
+    """
+
+    def __init__(
+        self,
+        store: LeaseStore,
+        *,
+        location: str,
+        ttl_s: float = DEFAULT_TTL_S,
+        on_lost: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.location = location
+        self.ttl_s = ttl_s
+        self.on_lost = on_lost
+        self.owner = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.started = _process_start(self.pid)
+        self.generation: int | None = None
+        self._beat = 0
+        self._lost = threading.Event()
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- taking and giving back ------------------------------------------------------
+
+    def acquire(self, *, wait_s: float | None = None) -> None:
+        """Take the lease, or raise ``CheckpointError`` naming the job that holds it.
+
+        Args:
+            wait_s: how long to watch a lease held on another host for a heartbeat
+                before deciding it is stale; ``ttl`` by default.
+        """
+        deadline = time.monotonic() + (self.ttl_s if wait_s is None else wait_s)
+        first_seen: dict[int, Holder] = {}
+        while True:
+            current = self._highest()
+            if current is None:
+                if self._create(1):
+                    return
+                continue
+            generation, holder = current
+            if holder is not None and holder.owner == self.owner:
+                self.generation = generation
+                return
+            if holder is None or self._is_stale(holder):
+                if holder is not None and not holder.released:
+                    log.warning(
+                        "checkpoint %s: taking over the stale lease of %s (last renewed %.0fs ago)",
+                        self.location,
+                        holder.describe(),
+                        time.time() - holder.renewed_at,
+                    )
+                if self._create(generation + 1):
+                    return
+                continue
+            seen = first_seen.setdefault(generation, holder)
+            renewing = holder.beat != seen.beat
+            local_and_alive = holder.host == self.host
+            if renewing or local_and_alive or time.monotonic() >= deadline:
+                raise CheckpointError(
+                    f"checkpoint {self.location} is in use by another deltavec job "
+                    f"({holder.describe()}, lease renewed {time.time() - holder.renewed_at:.0f}s "
+                    "ago); stop that job first, or give this one its own checkpoint.location"
+                )
+            time.sleep(min(1.0, self.ttl_s / 6))
+
+    def start_heartbeat(self) -> None:
+        """Renew the lease every ``ttl / 3`` seconds on a daemon thread until ``release``."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._heartbeat, name="deltavec-lease", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        """Stop renewing and give the lease back, so the next job starts at once."""
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.ttl_s)
+            self._thread = None
+        if self.generation is None or self._lost.is_set():
+            return
+        current = self._highest()
+        if current is not None and current[0] == self.generation:
+            # Marked released rather than deleted: the generation number must keep
+            # growing, or a job still reading the old number could create it again.
+            self.store.overwrite(_name(self.generation), self._text(released=True))
+        self._prune(below=self.generation)
+        self.generation = None
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    # -- internals -------------------------------------------------------------------
+
+    def _text(self, *, released: bool = False) -> str:
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "host": self.host,
+                "pid": self.pid,
+                "started": self.started,
+                "renewed_at": time.time(),
+                "beat": self._beat,
+                "released": released,
+            }
+        )
+
+    def _create(self, generation: int) -> bool:
+        if not self.store.create_exclusive(_name(generation), self._text()):
+            return False
+        self.generation = generation
+        self._prune(below=generation)
+        log.info("checkpoint %s: lease %d taken by %s", self.location, generation, self.owner)
+        return True
+
+    def _highest(self) -> tuple[int, Holder | None] | None:
+        generations = sorted(
+            int(name.removesuffix(".json"))
+            for name in self.store.names()
+            if name.removesuffix(".json").isdigit()
+        )
+        if not generations:
+            return None
+        top = generations[-1]
+        return top, Holder.parse(self.store.read(_name(top)))
+
+    def _is_stale(self, holder: Holder) -> bool:
+        if holder.released:
+            return True
+        if holder.host == self.host and not _process_alive(holder.pid, holder.started):
+            return True
+        return time.time() - holder.renewed_at > self.ttl_s
+
+    def _prune(self, *, below: int) -> None:
+        # Old generations only tell history; keep the folder small.
+        for name in self.store.names():
+            stem = name.removesuffix(".json")
+            if stem.isdigit() and int(stem) < below - 1:
+                with contextlib.suppress(Exception):
+                    self.store.delete(name)
+
+    def _heartbeat(self) -> None:
+        interval = self.ttl_s / 3
+        while not self._halt.wait(interval):
+            try:
+                current = self._highest()
+                if current is None or current[0] != self.generation:
+                    self._lose(current[1] if current else None)
+                    return
+                self._beat += 1
+                assert self.generation is not None
+                self.store.overwrite(_name(self.generation), self._text())
+            except Exception:
+                log.warning("checkpoint %s: lease renewal failed", self.location, exc_info=True)
+
+    def _lose(self, holder: Holder | None) -> None:
+        self._lost.set()
+        who = holder.describe() if holder else "nobody"
+        message = (
+            f"checkpoint {self.location}: lease lost to {who}; "
+            "this job stops before its next micro-batch"
+        )
+        log.error(message)
+        if self.on_lost is not None:
+            self.on_lost(message)
+
+
+def _name(generation: int) -> str:
+    return f"{generation:020d}.json"

@@ -1,0 +1,589 @@
+"""Text to vectors with a Hugging Face transformer. No Spark in here.
+
+The encoder tokenizes a whole Arrow batch in one call, sorts the sequences by
+token length and packs them into forward passes under a budget of padded tokens,
+so short and long texts each run at the batch size that fits them. Pooling and
+normalisation follow the model's own sentence-transformers files; a folder
+without them gets mean pooling and L2 normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from deltavec.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken")
+# Characters kept per token of the window before tokenizing: far more than any
+# real text needs (English averages about 4), so truncation is still decided by
+# the tokenizer, but a 10 MB string is never tokenized whole.
+_CHARS_PER_TOKEN_CAP = 32
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything needed to build an encoder on a worker; hashable, so it keys the cache.
+
+    Attributes:
+        model: a local folder or a Hugging Face id (already resolved, never "default").
+        revision: Hugging Face revision, for ids only.
+        max_tokens: tokens kept per text (window length); None for the model's limit.
+        batch_tokens: padded tokens per forward pass; None picks one for the device.
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        precision: "auto", "fp32", "fp16" or "bf16"; auto is bf16/fp16 on a GPU, fp32 on a CPU.
+        long_text: "truncate" keeps the first window; "chunk" averages all windows.
+        chunk_overlap: tokens shared by neighbouring windows in chunk mode.
+        max_chunks: windows per text at most in chunk mode.
+        trust_remote_code: passed to transformers; off unless the config turns it on.
+        threads: CPU cores this encoder may keep busy; None takes torch's default
+            (``OMP_NUM_THREADS``, else the machine's cores). On a CPU each core runs
+            its own forward passes with one intra-op thread (see ``_CpuLanes``).
+    """
+
+    model: str
+    revision: str | None = None
+    max_tokens: int | None = None
+    batch_tokens: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    long_text: str = "truncate"
+    chunk_overlap: int = 32
+    max_chunks: int = 32
+    trust_remote_code: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class EncodeStats:
+    """What one ``encode`` call did, for metrics and the padding report."""
+
+    texts: int = 0
+    sequences: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    forward_passes: int = 0
+    truncated: int = 0
+    oom_splits: int = 0
+    tokenize_seconds: float = 0.0
+    forward_seconds: float = 0.0
+
+    @property
+    def padding_ratio(self) -> float:
+        """Padded tokens per real token; 1.0 means no padding at all."""
+        return self.padded_tokens / self.real_tokens if self.real_tokens else 1.0
+
+    def add(self, other: EncodeStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class _Sequences:
+    """Token windows of a batch of texts; ``owner[i]`` is the text window i came from."""
+
+    ids: list[list[int]]
+    owner: np.ndarray
+    truncated: int = 0
+    lengths: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lengths = np.fromiter((len(s) for s in self.ids), dtype=np.int64, count=len(self.ids))
+
+
+@dataclass(frozen=True)
+class Pooling:
+    modes: tuple[str, ...]
+    normalize: bool
+
+
+class Encoder:
+    """A loaded model plus tokenizer that turns lists of strings into float32 rows."""
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.spec = spec
+        self.device = _pick_device(spec.device)
+        self.lanes = 1
+        self._lanes: _CpuLanes | None = None
+        if self.device == "cpu":
+            self.lanes = spec.threads or torch.get_num_threads()
+            if self.lanes == 1:
+                torch.set_num_threads(1)
+        elif spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.dtype = _pick_dtype(spec.precision, self.device)
+        self.batch_tokens = spec.batch_tokens or _default_batch_tokens(self.device)
+        folder = Path(spec.model)
+        st_config = _read_json(folder / "sentence_bert_config.json") if folder.is_dir() else {}
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                spec.model,
+                revision=spec.revision,
+                trust_remote_code=spec.trust_remote_code,
+                use_fast=True,
+            )
+            self.model = AutoModel.from_pretrained(
+                spec.model,
+                revision=spec.revision,
+                trust_remote_code=spec.trust_remote_code,
+                attn_implementation="sdpa",
+                # transformers 5 keeps the dtype the weights were saved in; many
+                # models ship fp16 or bf16 weights. Hold them in fp32 and let
+                # autocast pick the arithmetic, so `precision` means what it says.
+                dtype=torch.float32,
+                # Pickle-based .bin weights can run code when loaded; a folder
+                # that has safetensors must use them.
+                use_safetensors=True if _has_safetensors(folder) else None,
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelError(_load_failure(spec.model, exc)) from exc
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ModelError(f"model {spec.model} has no fast tokenizer; deltavec needs one")
+        self.model.eval().to(self.device)
+        self.pooling = _read_pooling(folder) if folder.is_dir() else Pooling(("mean",), True)
+        self.lowercase = bool(st_config.get("do_lower_case", False))
+        self.max_tokens = self._window(st_config.get("max_seq_length"))
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self._uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
+        try:
+            self.dim = self._probe_dim()
+        except ModelError:
+            raise
+        except Exception as exc:  # any failure on a probe text means an unusable model
+            raise ModelError(
+                f"model {spec.model} does not produce one fixed-size vector per text: "
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+            ) from exc
+
+    def _window(self, st_max: int | None) -> int:
+        limits = [st_max] if st_max else []
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if not limits and positions:
+            limits.append(int(positions))
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        if not limits and tok_max and tok_max < 1_000_000:
+            limits.append(int(tok_max))
+        if self.spec.max_tokens:
+            limits.append(self.spec.max_tokens)
+        if not limits:
+            raise ModelError(f"model {self.spec.model} states no maximum sequence length")
+        return min(limits)
+
+    def _probe_dim(self) -> int:
+        vectors, _ = self.encode(["deltavec probe"])
+        if vectors.ndim != 2 or vectors.shape[0] != 1 or not np.isfinite(vectors).all():
+            raise ModelError(f"model {self.spec.model} does not produce one fixed-size vector")
+        return int(vectors.shape[1])
+
+    # -- tokenization -----------------------------------------------------------------
+
+    def _tokenize(self, texts: Sequence[str]) -> _Sequences:
+        chunk = self.spec.long_text == "chunk"
+        step = self.max_tokens - min(self.spec.chunk_overlap, self.max_tokens // 2)
+        windows = self.spec.max_chunks if chunk else 1
+        cap = (self.max_tokens + step * (windows - 1)) * _CHARS_PER_TOKEN_CAP
+        prepared = [(t.lower() if self.lowercase else t)[:cap] for t in texts]
+        if not chunk:
+            encoded = self.tokenizer(
+                prepared,
+                truncation=True,
+                max_length=self.max_tokens,
+                add_special_tokens=True,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+                return_length=False,
+            )
+            ids = encoded["input_ids"]
+            truncated = sum(len(s) >= self.max_tokens for s in ids)
+            return _Sequences(ids, np.arange(len(ids)), truncated)
+        encoded = self.tokenizer(
+            prepared,
+            truncation=True,
+            max_length=self.max_tokens,
+            stride=self.max_tokens - step,
+            return_overflowing_tokens=True,
+            add_special_tokens=True,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        owner = np.asarray(encoded["overflow_to_sample_mapping"], dtype=np.int64)
+        keep = _first_n_per_owner(owner, windows)
+        ids = [encoded["input_ids"][i] for i in keep]
+        truncated = int(len(owner) - len(keep))
+        return _Sequences(ids, owner[keep], truncated)
+
+    # -- batching ---------------------------------------------------------------------
+
+    def plan_batches(self, lengths: np.ndarray) -> list[np.ndarray]:
+        """Group sequence indices, longest first, under the padded-token budget."""
+        order = np.argsort(-lengths, kind="stable")
+        batches: list[np.ndarray] = []
+        start = 0
+        budget = self.batch_tokens
+        while start < len(order):
+            longest = max(int(lengths[order[start]]), 1)
+            rows = max(1, budget // longest)
+            batches.append(order[start : start + rows])
+            start += rows
+        return batches
+
+    # -- the model ---------------------------------------------------------------------
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, EncodeStats]:
+        """Embed texts, in input order.
+
+        Returns:
+            A float32 array of shape (len(texts), dim), and what the call did.
+        """
+        stats = EncodeStats(texts=len(texts))
+        if not texts:
+            return np.zeros((0, getattr(self, "dim", 0)), dtype=np.float32), stats
+        started = time.perf_counter()
+        seqs = self._tokenize(texts)
+        stats.tokenize_seconds = time.perf_counter() - started
+        stats.sequences = len(seqs.ids)
+        stats.truncated = seqs.truncated
+        stats.real_tokens = int(seqs.lengths.sum())
+        batches = self.plan_batches(seqs.lengths)
+        started = time.perf_counter()
+        if self.lanes > 1 and len(batches) > 1:
+            outputs = self._cpu_lanes().map(
+                lambda batch: self._forward([seqs.ids[i] for i in batch]), batches
+            )
+        else:
+            outputs = (
+                self._forward_splitting_on_oom([seqs.ids[i] for i in batch], stats)
+                for batch in batches
+            )
+        pooled: np.ndarray | None = None
+        for batch, out in zip(batches, outputs, strict=True):
+            if pooled is None:
+                pooled = np.empty((len(seqs.ids), out.shape[1]), dtype=np.float32)
+            pooled[batch] = out
+        stats.forward_seconds = time.perf_counter() - started
+        stats.forward_passes += len(batches)
+        stats.padded_tokens += sum(len(b) * int(seqs.lengths[b].max()) for b in batches)
+        assert pooled is not None
+        if len(seqs.ids) == len(texts) and np.array_equal(seqs.owner, np.arange(len(texts))):
+            return pooled, stats
+        return self._merge_windows(pooled, seqs, len(texts)), stats
+
+    def _cpu_lanes(self) -> _CpuLanes:
+        if self._lanes is None:
+            self._lanes = _CpuLanes(self.lanes)
+        return self._lanes
+
+    def _merge_windows(self, pooled: np.ndarray, seqs: _Sequences, n: int) -> np.ndarray:
+        # A document vector is the token-weighted mean of its windows' vectors,
+        # renormalised when the model normalises.
+        weights = seqs.lengths.astype(np.float32)
+        sums = np.zeros((n, pooled.shape[1]), dtype=np.float32)
+        np.add.at(sums, seqs.owner, pooled * weights[:, None])
+        totals = np.bincount(seqs.owner, weights=weights, minlength=n).astype(np.float32)
+        merged = sums / np.maximum(totals, 1e-12)[:, None]
+        if self.pooling.normalize:
+            merged /= np.maximum(np.linalg.norm(merged, axis=1, keepdims=True), 1e-12)
+        return merged
+
+    def _forward_splitting_on_oom(self, ids: list[list[int]], stats: EncodeStats) -> np.ndarray:
+        import torch
+
+        try:
+            return self._forward(ids)
+        except torch.OutOfMemoryError:
+            if len(ids) == 1:
+                raise
+            # Half the rows need half the activations; no row is dropped.
+            torch.cuda.empty_cache()
+            stats.oom_splits += 1
+            # The halves are extra forward passes; padding is counted once, per plan.
+            stats.forward_passes += 1
+            half = len(ids) // 2
+            log.warning(
+                "out of GPU memory on %d sequences; retrying as %d + %d",
+                len(ids),
+                half,
+                len(ids) - half,
+            )
+            return np.concatenate(
+                [
+                    self._forward_splitting_on_oom(ids[:half], stats),
+                    self._forward_splitting_on_oom(ids[half:], stats),
+                ]
+            )
+
+    def _forward(self, ids: list[list[int]]) -> np.ndarray:
+        """Pooled vectors of one padded batch; safe to call from several threads."""
+        import torch
+
+        width = max(len(s) for s in ids)
+        input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        inputs = {
+            "input_ids": torch.from_numpy(input_ids).to(self.device, non_blocking=True),
+            "attention_mask": torch.from_numpy(mask).to(self.device, non_blocking=True),
+        }
+        if self._uses_token_types:
+            inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+        with torch.inference_mode(), _autocast(self.device, self.dtype):
+            hidden = self.model(**inputs).last_hidden_state
+            vectors = _pool(hidden, inputs["attention_mask"], self.pooling)
+        # One host copy per forward pass: the GPU never holds more than one batch.
+        return vectors.float().cpu().numpy()
+
+
+class _CpuLanes:
+    """Threads that each run whole forward passes with one torch intra-op thread.
+
+    A small model's operators are too short to split well across cores: torch's
+    intra-op threads meet at a barrier after every operator, and on a machine
+    shared with other processes one descheduled thread stalls the rest. Running
+    independent batches side by side (the GIL is released inside torch) keeps
+    every core busy without that barrier; the threads x cores arithmetic is the
+    same as Spark's one-task-per-core.
+    """
+
+    def __init__(self, lanes: int) -> None:
+        import torch
+
+        default = torch.get_num_threads()
+        ready = threading.Barrier(lanes + 1)
+
+        def start() -> None:
+            # get_ first: torch sets a thread's count lazily from the process default,
+            # which would undo the set_ below once the default is restored.
+            torch.get_num_threads()
+            torch.set_num_threads(1)
+            ready.wait()
+
+        self.pool = ThreadPoolExecutor(lanes, thread_name_prefix="deltavec-lane", initializer=start)
+        for _ in range(lanes):
+            self.pool.submit(lambda: None)
+        ready.wait()
+        # set_num_threads also changed the default for threads started later; restore it.
+        torch.set_num_threads(default)
+
+    def map(self, fn: Callable[[_T], _R], items: Sequence[_T]) -> Iterator[_R]:
+        """``fn`` over ``items`` on the lanes, results in the order of ``items``."""
+        return self.pool.map(fn, items)
+
+
+# -- failures, one row at a time -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowFailure:
+    index: int
+    code: str
+    message: str
+
+
+def encode_isolating_failures(
+    encoder: Encoder, texts: Sequence[str]
+) -> tuple[np.ndarray, list[RowFailure], EncodeStats]:
+    """Embed texts; when a batch raises, bisect it so only the failing rows are lost.
+
+    Returns:
+        Vectors (rows of failed texts are NaN), the failures, and the stats.
+    """
+    stats = EncodeStats()
+    dim = encoder.dim
+    out = np.full((len(texts), dim), np.nan, dtype=np.float32)
+    failures: list[RowFailure] = []
+    for lo, hi, vectors, error in _bisect(encoder, texts, 0, len(texts), stats):
+        if vectors is not None:
+            out[lo:hi] = vectors
+        else:
+            failures.append(RowFailure(lo, "encode_error", _short(error)))
+    return out, failures, stats
+
+
+def _bisect(
+    encoder: Encoder, texts: Sequence[str], lo: int, hi: int, stats: EncodeStats
+) -> Iterator[tuple[int, int, np.ndarray | None, BaseException | None]]:
+    if lo >= hi:
+        return
+    try:
+        vectors, part = encoder.encode(texts[lo:hi])
+    except (MemoryError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any model failure isolates rows, never the task
+        if hi - lo == 1:
+            log.warning("row failed to embed: %s", _short(exc))
+            yield lo, hi, None, exc
+            return
+        mid = (lo + hi) // 2
+        yield from _bisect(encoder, texts, lo, mid, stats)
+        yield from _bisect(encoder, texts, mid, hi, stats)
+        return
+    stats.add(part)
+    yield lo, hi, vectors, None
+
+
+def _short(exc: BaseException | None) -> str:
+    text = f"{type(exc).__name__}: {exc}" if exc else "unknown error"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _first_n_per_owner(owner: np.ndarray, n: int) -> np.ndarray:
+    keep = []
+    seen: dict[int, int] = {}
+    for i, o in enumerate(owner.tolist()):
+        count = seen.get(o, 0)
+        if count < n:
+            keep.append(i)
+            seen[o] = count + 1
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    import torch
+
+    hidden = hidden.float()
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    parts = []
+    for mode in pooling.modes:
+        if mode == "cls":
+            parts.append(hidden[:, 0])
+        elif mode == "lasttoken":
+            last = mask.sum(dim=1) - 1
+            parts.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        elif mode == "max":
+            parts.append(hidden.masked_fill(weights == 0, -1e9).max(dim=1).values)
+        else:
+            summed = (hidden * weights).sum(dim=1)
+            counts = weights.sum(dim=1).clamp(min=1e-9)
+            parts.append(summed / (counts.sqrt() if mode == "mean_sqrt_len" else counts))
+    vectors = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    if pooling.normalize:
+        vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+    return vectors
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("*.safetensors"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} cannot be read: {exc}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _read_pooling(folder: Path) -> Pooling:
+    modules_file = folder / "modules.json"
+    if not modules_file.exists():
+        return Pooling(("mean",), True)
+    modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    modes: tuple[str, ...] = ("mean",)
+    normalize = False
+    for module in modules:
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        if kind == "Transformer":
+            continue
+        if kind == "Pooling":
+            modes = _pooling_modes(_read_json(folder / module.get("path", "") / "config.json"))
+        elif kind == "Normalize":
+            normalize = True
+        else:
+            raise ModelError(
+                f"model {folder} uses a sentence-transformers module deltavec does not run: "
+                f"{kind} (supported: Transformer, Pooling, Normalize)"
+            )
+    return Pooling(modes, normalize)
+
+
+def _pooling_modes(config: dict[str, Any]) -> tuple[str, ...]:
+    if "pooling_mode" in config and isinstance(config["pooling_mode"], str):
+        mode = config["pooling_mode"].replace("mean_sqrt_len_tokens", "mean_sqrt_len")
+        if mode not in POOLING_MODES:
+            raise ModelError(f"pooling mode {mode!r} is not supported (valid: {POOLING_MODES})")
+        return (mode,)
+    flags = {
+        "cls": config.get("pooling_mode_cls_token"),
+        "mean": config.get("pooling_mode_mean_tokens"),
+        "max": config.get("pooling_mode_max_tokens"),
+        "mean_sqrt_len": config.get("pooling_mode_mean_sqrt_len_tokens"),
+        "lasttoken": config.get("pooling_mode_lasttoken"),
+    }
+    if config.get("pooling_mode_weightedmean_tokens"):
+        raise ModelError(f"pooling mode 'weightedmean' is not supported (valid: {POOLING_MODES})")
+    modes = tuple(mode for mode, on in flags.items() if on)
+    return modes or ("mean",)
+
+
+def _pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("model.device is 'cuda' but no CUDA device is visible to this process")
+    return requested
+
+
+def _default_batch_tokens(device: str) -> int:
+    # Measured on MiniLM: a CPU runs fastest on small passes that stay in cache
+    # (1,024 tokens beat 8,192 by a third); a GPU needs large ones to fill its cores.
+    return 65536 if device.startswith("cuda") else 1024
+
+
+def _pick_dtype(precision: str, device: str) -> torch.dtype:
+    import torch
+
+    if precision == "fp32" or (precision == "auto" and not device.startswith("cuda")):
+        return torch.float32
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def _autocast(device: str, dtype: torch.dtype) -> Any:
+    import contextlib
+
+    import torch
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def _load_failure(model: str, exc: BaseException) -> str:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if Path(model).is_dir() or model.startswith(("/", ".")):
+        return f"model folder {model} cannot be loaded: {reason}"
+    return (
+        f"model {model!r} cannot be loaded: it is not a local folder and not in the "
+        f"Hugging Face cache, or the Hub is unreachable ({reason})"
+    )

@@ -1,0 +1,101 @@
+"""What a search index holds in memory: blocks of rows, and one immutable state over them.
+
+A ``Block`` is rows read together from the target's files; an ``IndexState`` is one
+table version: its blocks, which of their rows are live, and which file each row
+came from. A state is never changed once built (a refresh builds the next one), so
+a query that took a state answers from one table version whatever else happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# Masked-out rows cost a multiply each per query; past this share they are dropped.
+COMPACT_AT = 0.25
+# Each refresh that adds rows adds a block; merge them before queries pay for many.
+MAX_BLOCKS = 16
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows read together: a contiguous (n, dim) matrix, their keys and file ids, in one order."""
+
+    matrix: np.ndarray
+    keys: pa.Table
+    files: np.ndarray  # int32 file id per row
+    positions: np.ndarray  # int64 row number within its file, as deletion vectors count
+
+    def __len__(self) -> int:
+        return int(self.matrix.shape[0])
+
+
+@dataclass
+class FileRows:
+    """What ``read_files`` returns: the rows, the ids given to their files, the models seen."""
+
+    block: Block
+    file_ids: dict[str, int] = field(default_factory=dict)
+    models: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class IndexState:
+    """One table version in memory. Never changed once built: a refresh builds another.
+
+    Slots number the rows of all blocks in order; ``live[slot]`` is False for
+    rows of files that a later commit removed and for rows a deletion vector names.
+    """
+
+    version: int
+    blocks: tuple[Block, ...]
+    live: np.ndarray
+    dead: int
+    file_ids: dict[str, int]
+    # Files whose rows were masked by a deletion vector: if one comes back
+    # without its vector, rows may have to come back, which masks cannot do.
+    masked_files: frozenset[str] = frozenset()
+
+    @property
+    def slots(self) -> int:
+        return int(self.live.shape[0])
+
+    def keys(self) -> pa.Table:
+        import pyarrow as pa
+
+        if len(self.blocks) == 1:
+            return self.blocks[0].keys
+        return pa.concat_tables([b.keys for b in self.blocks])
+
+
+def needs_compaction(state: IndexState) -> bool:
+    return state.dead > COMPACT_AT * max(state.slots, 1) or len(state.blocks) > MAX_BLOCKS
+
+
+def compact(state: IndexState) -> IndexState:
+    """The same rows without the masked-out ones, in one block."""
+    import pyarrow as pa
+
+    matrices, keys, files, positions = [], [], [], []
+    offset = 0
+    for block in state.blocks:
+        live = state.live[offset : offset + len(block)]
+        offset += len(block)
+        matrices.append(block.matrix[live])
+        keys.append(block.keys.filter(pa.array(live)))
+        files.append(block.files[live])
+        positions.append(block.positions[live])
+    merged = Block(
+        matrix=np.concatenate(matrices),
+        keys=pa.concat_tables(keys).combine_chunks(),
+        files=np.concatenate(files),
+        positions=np.concatenate(positions),
+    )
+    blocks = (merged,) if len(merged) else ()
+    live = np.ones(len(merged), dtype=bool)
+    return IndexState(state.version, blocks, live, 0, state.file_ids, state.masked_files)

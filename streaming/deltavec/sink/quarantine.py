@@ -1,0 +1,144 @@
+"""The quarantine writer: one row per source key that currently cannot be embedded.
+
+A row lands here with its reason (``empty_text``, ``null_key``, the model's error
+code), a message and the first characters of its text, and leaves again as soon as
+its key embeds or is deleted. Its MERGE carries the same (app id, batch id) as the
+target's writes, so a replayed batch changes nothing twice.
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from deltavec.columns import (
+    BATCH_SOURCE_VERSION,
+    ERROR_CODE,
+    ERROR_MESSAGE,
+    IS_DUPLICATE,
+    KEY_JSON,
+    PROBLEM,
+    TEXT,
+)
+from deltavec.config import TableRef
+from deltavec.runtime import tables
+from deltavec.sink.transactions import retry_conflicts, transaction
+from deltavec.source import changes
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+# The quarantine keeps the start of a failing text, enough to recognise it.
+VALUE_CHARS = 1000
+
+
+class QuarantineWriter:
+    """Upserts a batch's failures into the quarantine table and clears recovered keys.
+
+    Args:
+        quarantine: the quarantine table.
+        keys: the source's key columns (named in the messages).
+        text_columns: the template's columns (named in the messages).
+    """
+
+    def __init__(self, *, quarantine: TableRef, keys: list[str], text_columns: list[str]) -> None:
+        self.quarantine = quarantine
+        self.keys = keys
+        self.text_columns = text_columns
+
+    def write(
+        self,
+        spark: SparkSession,
+        acts: DataFrame,
+        embedded: DataFrame,
+        *,
+        app_id: str,
+        batch_id: int,
+        any_new: bool,
+    ) -> None:
+        """Upsert this batch's failures; clear keys that now embed or were deleted.
+
+        Args:
+            acts: the batch's actions (``deltavec.source.changes``).
+            embedded: the model's output rows, failed ones with an error code.
+            app_id: the writer's Delta txn app id.
+            batch_id: the micro-batch id, the Delta txn version.
+            any_new: the batch quarantines at least one row; without one, an empty
+                quarantine table needs no MERGE.
+        """
+        from pyspark.sql import functions as F
+
+        if not any_new and tables.detail(spark, self.quarantine).get("numFiles", 0) == 0:
+            return
+        problems = acts.where(F.col(PROBLEM).isNotNull() & ~F.col(IS_DUPLICATE)).select(
+            F.col(KEY_JSON),
+            F.col(BATCH_SOURCE_VERSION),
+            F.col(PROBLEM).alias("reason"),
+            problem_message(self.keys, self.text_columns).alias("message"),
+            F.col(TEXT),
+        )
+        failures = embedded.where(F.col(ERROR_CODE).isNotNull()).select(
+            F.col(KEY_JSON),
+            F.col(BATCH_SOURCE_VERSION),
+            F.col(ERROR_CODE).alias("reason"),
+            F.col(ERROR_MESSAGE).alias("message"),
+            F.col(TEXT),
+        )
+        bad = problems.unionByName(failures).select(
+            F.col(KEY_JSON).alias("key"),
+            F.col(BATCH_SOURCE_VERSION).alias("source_version"),
+            F.col("reason"),
+            F.col("message"),
+            F.substring(F.col(TEXT), 1, VALUE_CHARS).alias("value"),
+            F.length(F.col(TEXT)).cast("long").alias("value_length"),
+            F.lit(batch_id).cast("long").alias("batch_id"),
+            F.current_timestamp().alias("quarantined_at"),
+            F.lit(False).alias("_clear"),
+        )
+        failed_keys = bad.select("key")
+        cleared = (
+            acts.where(~F.col(IS_DUPLICATE) & F.col(PROBLEM).isNull())
+            .select(F.col(KEY_JSON).alias("key"))
+            .join(failed_keys, on="key", how="left_anti")
+            .withColumn("_clear", F.lit(True))
+        )
+        source = bad.unionByName(cleared, allowMissingColumns=True)
+        columns = [c for c in bad.columns if c != "_clear"]
+
+        def merge() -> None:
+            with transaction(spark, app_id, batch_id):
+                (
+                    tables.delta_table(spark, self.quarantine)
+                    .alias("q")
+                    .merge(
+                        source.alias("s"),
+                        f"q.key = s.key AND s.reason IS DISTINCT FROM '{changes.NULL_KEY}'",
+                    )
+                    .whenMatchedDelete(condition="s._clear")
+                    .whenMatchedUpdate(
+                        condition="NOT s._clear", set={c: f"s.`{c}`" for c in columns}
+                    )
+                    .whenNotMatchedInsert(
+                        condition="NOT s._clear", values={c: f"s.`{c}`" for c in columns}
+                    )
+                    .execute()
+                )
+
+        retry_conflicts(merge, what=f"MERGE of batch {batch_id} into {self.quarantine.name}")
+
+
+def problem_message(keys: list[str], text_columns: list[str]) -> Column:
+    from pyspark.sql import functions as F
+
+    return (
+        F.when(
+            F.col(PROBLEM) == changes.NULL_KEY,
+            F.lit(f"a key column ({', '.join(keys)}) is null"),
+        )
+        .when(
+            F.col(PROBLEM) == changes.EMPTY_TEXT,
+            F.lit(f"every template column ({', '.join(text_columns)}) is null, empty or blank"),
+        )
+        .otherwise(F.col(PROBLEM))
+    )

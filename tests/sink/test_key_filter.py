@@ -1,0 +1,147 @@
+"""A batch's keys reach the Parquet reader, and the MERGE stays exact (real Spark and Delta).
+
+A target created by the job has row groups of about 100 rows; the lookup and the
+MERGE list the batch's keys, so they read only the row groups that can hold them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from benchmarks.merge_scaling import DIMENSIONS, synthetic_vectors, write_deltavec
+from deltavec.columns import BATCH_SOURCE_VERSION, BATCH_TEXT_HASH, DELETE, EMBEDDING, UPSERT
+from deltavec.config import TableRef
+from deltavec.search import VectorIndex
+from deltavec.sink import target
+from deltavec.sink.key_filter import IN_LIST_VALUES, KeyFilter
+from deltavec.sink.merge import ACTION, Layout, TargetWriter
+from deltavec.sink.transactions import session_settings
+
+pytestmark = pytest.mark.slow
+
+DIM = DIMENSIONS  # the default model's 384: 1.5 KB a row, so row groups of about 100 rows
+MODEL_ID = "test/model@0123456789abcdef"
+ROWS = 3_000
+
+
+def write(spark: Any, writer: TargetWriter, plan: list[tuple[int, str]], batch_id: int) -> None:
+    """One batch through the writer, as the sink hands it over: lookup, then write."""
+    from pyspark.sql import functions as F
+
+    frame = spark.createDataFrame(plan, f"id long, {ACTION} string")
+    upsert = F.col(ACTION) == UPSERT
+    batch = frame.select(
+        "id",
+        ACTION,
+        # Incompressible, so row groups fill as real vectors do.
+        F.when(upsert, synthetic_vectors(F.col("id") + F.lit(batch_id))).alias(EMBEDDING),
+        F.when(upsert, F.concat(F.col("id").cast("string"), F.lit(f"#{batch_id}"))).alias(
+            BATCH_TEXT_HASH
+        ),
+        F.lit(batch_id).cast("long").alias(BATCH_SOURCE_VERSION),
+    )
+    write_deltavec(spark, writer, batch, app_id="test", batch_id=batch_id)
+
+
+def new_target(spark: Any, path: Path, layout: Layout) -> TargetWriter:
+    from pyspark.sql.types import LongType, StructField
+
+    ref = TableRef(path=str(path))
+    target.ensure_target(
+        spark, ref, key_fields=[StructField("id", LongType())], model_identity=MODEL_ID, dim=DIM
+    )
+    writer = TargetWriter(target=ref, keys=["id"], model_identity=MODEL_ID, dim=DIM, layout=layout)
+    write(spark, writer, [(k, UPSERT) for k in range(ROWS)], batch_id=1)
+    return writer
+
+
+@pytest.fixture(scope="module")
+def loaded(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> TargetWriter:
+    return new_target(spark, tmp_path_factory.mktemp("keys") / "target", Layout())
+
+
+def scanned_rows(frame: Any) -> int:
+    """Rows the frame's file scan handed to Spark: what the Parquet reader did not skip."""
+    plan = frame._jdf.queryExecution().executedPlan()
+    leaves = plan.collectLeaves()
+    total = 0
+    for i in range(leaves.size()):
+        leaf = leaves.apply(i)
+        if "FileSourceScanExec" in leaf.getClass().getName():
+            total += leaf.metrics().apply("numOutputRows").value()
+    return int(total)
+
+
+def test_a_new_target_is_written_in_small_row_groups(loaded: TargetWriter) -> None:
+    files = list(Path(loaded.target.path or "").glob("*.parquet"))
+    assert len(files) == 1  # 3,000 rows are one file of the job's 50,000-row files
+    meta = pq.ParquetFile(files[0]).metadata
+    assert meta.num_rows == ROWS
+    assert meta.num_row_groups >= ROWS // 200
+
+
+def test_a_lookup_reads_only_the_row_groups_that_can_hold_the_batch_keys(
+    spark: Any, loaded: TargetWriter
+) -> None:
+    wanted = [7, 1_234, 2_999, 9_999]  # the last is not in the target
+
+    def lookup(layout: Layout) -> tuple[list[int], int]:
+        # One key range, 7 to 9,999, spans the whole target: only the listed keys
+        # can skip row groups.
+        writer = TargetWriter(
+            target=loaded.target, keys=["id"], model_identity=MODEL_ID, dim=DIM, layout=layout
+        )
+        batch = spark.createDataFrame([(k,) for k in wanted], "id long")
+        # Without adaptive execution the executed plan keeps the scan and its metrics.
+        with session_settings(spark, {"spark.sql.adaptive.enabled": "false"}):
+            found = writer.existing(spark, batch, writer.key_filter(batch))
+            return sorted(r["id"] for r in found.collect()), scanned_rows(found)
+
+    found, read = lookup(Layout(max_key_ranges=1))
+    assert found == wanted[:3]
+    assert 3 <= read <= 600  # three row groups of about 100 rows
+    found, read = lookup(Layout(max_key_ranges=1, max_listed_keys=0))
+    assert found == wanted[:3]
+    assert read == ROWS  # the range alone reads every row
+
+
+def test_keys_beyond_one_in_list_all_match(spark: Any, loaded: TargetWriter) -> None:
+    from pyspark.sql import functions as F
+
+    keys = list(range(1, ROWS, 3))  # 1,000 keys: many IN lists joined by OR
+    assert len(keys) > 10 * IN_LIST_VALUES
+    table = spark.read.format("delta").load(loaded.target.path)
+    key_filter = KeyFilter(ranges=[(0, ROWS)], values=keys)
+    got = [r["id"] for r in table.where(key_filter.predicate(F.col("id"))).collect()]
+    assert sorted(got) == keys
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [Layout(), Layout(max_listed_keys=100)],
+    ids=["keys-listed", "too-many-keys-ranges-only"],
+)
+def test_a_merge_of_a_thousand_scattered_changes_is_exact(
+    spark: Any, tmp_path: Path, layout: Layout
+) -> None:
+    writer = new_target(spark, tmp_path / "target", layout)
+    updates = list(range(0, ROWS, 5))  # 600 keys across every row group
+    deletes = list(range(2, ROWS, 10))  # 300
+    fresh = list(range(ROWS, ROWS + 100))
+    plan = [(k, UPSERT) for k in updates + fresh] + [(k, DELETE) for k in deletes]
+    write(spark, writer, plan, batch_id=2)
+
+    rows = spark.read.format("delta").load(writer.target.path).select("id", "text_hash").collect()
+    hashes = {r["id"]: r["text_hash"] for r in rows}
+    assert len(rows) == len(hashes)  # no key twice
+    assert set(hashes) == (set(range(ROWS)) - set(deletes)) | set(fresh)
+    assert all(hashes[k] == f"{k}#2" for k in updates + fresh)
+    untouched = set(range(ROWS)) - set(updates) - set(deletes)
+    assert all(hashes[k] == f"{k}#1" for k in untouched)
+    # Search consumers read the layout without Spark (delta-rs), row for row.
+    keys, _ = VectorIndex(writer.target.path or "").rows()
+    assert sorted(keys.column("id").to_pylist()) == sorted(hashes)
