@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+# The checkout's package (streaming/deltavec) and benchmarks, installed or not.
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "streaming"))
 
 from benchmarks.corpus import mixed_texts  # noqa: E402
 

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 # Run from a checkout: measure this copy of the package, not an installed one.
+# The checkout's package (streaming/deltavec) and benchmarks, installed or not.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "streaming"))
 
 
 def _best(action: Callable[[], Any], repeat: int) -> float:

@@ -34,7 +34,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+# The checkout's package (streaming/deltavec) and benchmarks, installed or not.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "streaming"))
 
 from deltavec.search import VectorIndex
 from deltavec.search.approximate import default_nlist, default_nprobe

@@ -49,11 +49,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
+# The checkout's package (streaming/deltavec) and benchmarks, installed or not.
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "streaming"))
 # Spark's Python workers import this checkout (benchmarks.peers, deltavec), not
 # whatever copy of the package the interpreter has installed.
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+    p for p in (str(REPO / "streaming"), str(REPO), os.environ.get("PYTHONPATH", "")) if p
 )
 
 from benchmarks.corpus import mixed_texts, sentences  # noqa: E402

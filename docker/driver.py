@@ -8,7 +8,7 @@ otherwise): an empty master makes the job join the session spark-submit set up.
 
 The file lives outside the package on purpose: spark-submit puts a program's own
 folder first on ``sys.path``, and the package folder holds modules (``config``,
-``text``, ``retry``...) whose names would shadow other libraries' modules.
+``errors``, ``columns``...) whose names would shadow other libraries' modules.
 """
 
 import os
