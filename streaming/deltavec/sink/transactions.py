@@ -16,8 +16,8 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -133,6 +133,6 @@ def session_settings(spark: SparkSession, settings: dict[str, str]) -> Iterator[
                 spark.conf.set(key, old)
 
 
-def transaction(spark: SparkSession, app_id: str, batch_id: int) -> Any:
+def transaction(spark: SparkSession, app_id: str, batch_id: int) -> AbstractContextManager[None]:
     """A block whose Delta writes carry (app id, batch id); a replay of it is skipped."""
     return session_settings(spark, txn_settings(app_id, batch_id))
