@@ -92,9 +92,9 @@ def _download(model_id: str, revision: str | None) -> Path:
         )
     except Exception as exc:  # noqa: BLE001 - hub errors have many types; all mean "cannot load"
         raise ModelError(
-            f"model {model_id!r} cannot be loaded: it is not a local folder and cannot be "
-            f"fetched from the Hugging Face Hub (offline and not cached?): "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"model {model_id!r} cannot be loaded: it is not a local folder and not in the "
+            "Hugging Face cache, or the Hub is unreachable "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
         ) from None
 
 
