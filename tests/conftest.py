@@ -23,6 +23,11 @@ sys.path.insert(0, str(SOURCE_ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(SOURCE_ROOT), str(REPO), os.environ.get("PYTHONPATH", "")) if p
 )
+# A Hugging Face cache the tests lay out themselves, the Hub never asked: set before
+# Spark starts, so its Python workers resolve Hub ids from the same folder.
+HF_HOME = REPO / ".pytest_cache" / "hf-home"
+os.environ["HF_HOME"] = str(HF_HOME)
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def shared_data_dir() -> Path:
@@ -151,3 +156,11 @@ def st_model(model_path: str) -> Any:
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(model_path, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def model_zoo(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> list[Any]:
+    """Tiny random-weight sentence-transformers models, one per supported case."""
+    from tests.embed.model_zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("model-zoo"), model_path, HF_HOME)

@@ -81,11 +81,15 @@ def _parser() -> argparse.ArgumentParser:
 
     reembed = sub.add_parser(
         "reembed",
-        help="re-embed the target with another model, switching consumers over at once",
+        help="re-embed the target with another model or new model settings, switching "
+        "consumers over at once",
     )
     _config_arg(reembed)
     reembed.add_argument(
-        "--model", required=True, help='the new model: "default", a folder or a Hugging Face id'
+        "--model",
+        default=None,
+        help='the new model: "default", a folder or a Hugging Face id (default: model.name '
+        "of the config, whose other model settings, such as max_tokens, apply too)",
     )
     reembed.add_argument("--revision", default=None, help="Hugging Face revision of the model")
     reembed.add_argument(
@@ -265,11 +269,12 @@ def cmd_reembed(args: argparse.Namespace) -> int:
             }
         )
     )
-    print(
-        f"deltavec: the target now holds {report.model_to}; set model.name = "
-        f"{args.model!r} in {args.config} before the next 'deltavec run'",
-        file=sys.stderr,
-    )
+    if args.model is not None:
+        print(
+            f"deltavec: the target now holds {report.model_to}; set model.name = "
+            f"{args.model!r} in {args.config} before the next 'deltavec run'",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -160,6 +160,11 @@ class ModelConfig(_Section):
     # A 10 MB text would otherwise become thousands of windows.
     max_chunks: int = Field(default=32, gt=0)
     trust_remote_code: bool = False
+    # Text put before every document the job embeds, and before every search query.
+    # None takes the model's own prompts (config_sentence_transformers.json): its
+    # "document", "passage" or "corpus" prompt, and its "query" prompt; "" is none.
+    document_prompt: str | None = None
+    query_prompt: str | None = None
 
 
 class TriggerConfig(_Section):

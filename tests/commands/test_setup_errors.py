@@ -160,26 +160,18 @@ def test_models_that_cannot_be_used(
         "folder and not in the Hugging Face cache, or the Hub is unreachable"
     )
 
-    # An encoder-decoder model needs decoder inputs: no single vector per text.
-    from transformers import T5Config, T5Model
-
-    t5 = tmp_path / "tiny-t5"
-    T5Model(
-        T5Config(
-            vocab_size=30522,
-            d_model=16,
-            d_kv=4,
-            d_ff=16,
-            num_layers=1,
-            num_heads=2,
-            decoder_start_token_id=0,
-        )
-    ).save_pretrained(t5)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(Path(model_path) / name, t5 / name)
-    code, line = _run(write_config(tmp_path, model={"name": str(t5)}), capsys)
+    # Modules that end in token vectors (no Pooling, as a ColBERT-style model):
+    # no single vector per text. (An encoder-decoder such as T5 is not one of these:
+    # sentence-transformers embeds with its encoder, and so does deltavec.)
+    tokens_only = tmp_path / "token-vectors"
+    shutil.copytree(model_path, tokens_only)
+    modules = json.loads((tokens_only / "modules.json").read_text())
+    (tokens_only / "modules.json").write_text(json.dumps(modules[:1]))
+    code, line = _run(write_config(tmp_path, model={"name": str(tokens_only)}), capsys)
     assert code == 2
-    assert line.startswith(f"deltavec: error: model {t5} does not produce one fixed-size vector")
+    assert line.startswith(
+        f"deltavec: error: model {tokens_only} does not produce one fixed-size vector"
+    )
     _untouched(tmp_path)
 
 

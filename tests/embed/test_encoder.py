@@ -75,10 +75,10 @@ def test_a_failing_row_is_isolated(encoder: Encoder, monkeypatch: pytest.MonkeyP
     texts = [f"sentence number {i}" for i in range(20)]
     real_encode = encoder.encode
 
-    def flaky(batch: list[str]) -> Any:
+    def flaky(batch: list[str], **kwargs: Any) -> Any:
         if "sentence number 13" in batch:
             raise RuntimeError("injected model failure")
-        return real_encode(batch)
+        return real_encode(batch, **kwargs)
 
     monkeypatch.setattr(encoder, "encode", flaky)
     vectors, failures, _ = encode_isolating_failures(encoder, texts)

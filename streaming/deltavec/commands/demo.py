@@ -70,7 +70,8 @@ def run_demo(*, config_path: str, query: str | None = None) -> dict[str, Any]:
     }
     target_path = config.target.path or config.target.table or ""
     index = VectorIndex(target_path) if config.target.path else None
-    hits = index.search(encoder.encode([query])[0][0], k=3) if index else []
+    vector = encoder.encode([query], prompt=job.query_prompt)[0][0]
+    hits = index.search(vector, k=3) if index else []
     result = {
         "source_rows_written": written,
         "rows_read": summary.rows_read,

@@ -21,6 +21,7 @@ from deltavec.checkpointing.lease import CheckpointLease
 from deltavec.checkpointing.lease_stores import store_for
 from deltavec.config import DeltavecConfig
 from deltavec.embed.encoder import EncoderSpec
+from deltavec.embed.models import VectorSettings
 from deltavec.embed.udf import EmbedBatches, get_encoder
 from deltavec.errors import CheckpointError
 from deltavec.runtime import tables
@@ -76,6 +77,9 @@ class Job:
         self.config = config
         self._spark = spark
         self.model_identity = ""
+        self.settings: VectorSettings | None = None
+        self.document_prompt = ""
+        self.query_prompt = ""
         self.dim = 0
         self.sink: MergeSink | None = None
         self.query: StreamingQuery | None = None
@@ -113,7 +117,7 @@ class Job:
             # One task per core by default: torch threads x concurrent tasks <= cores.
             threads = int(self.spark.conf.get("spark.task.cpus", "1") or 1)
         return EncoderSpec(
-            model=m.name if for_workers else resolve_model(m.name),
+            model=m.name if for_workers else resolve_model(m.name, m.revision),
             revision=m.revision,
             max_tokens=m.max_tokens,
             batch_tokens=m.batch_tokens,
@@ -127,13 +131,41 @@ class Job:
         )
 
     def load_model(self) -> Encoder:
-        """Load the model on the driver: proves it loads and gives its identity and size."""
-        from deltavec.embed.models import model_identity
+        """Load the model on the driver: proves it loads and gives its identity and size.
 
+        The identity covers the weights and every setting that changes a vector
+        (the window the model really allows, its modules, the long-text mode, the
+        document prompt, the template), so the checks and skip-unchanged see them all.
+        """
+        from deltavec.embed import models
+
+        m = self.config.model
         spec = self.encoder_spec(for_workers=False)
         encoder = get_encoder(spec)
-        self.model_identity = model_identity(self.config.model.name, spec.model, spec.revision)
+        self.document_prompt = models.document_prompt(m.document_prompt, encoder.prompts)
+        self.query_prompt = models.query_prompt(m.query_prompt, encoder.prompts)
+        chunk = m.long_text == "chunk"
+        self.settings = VectorSettings(
+            max_tokens=encoder.max_tokens,
+            modules=encoder.modules,
+            lowercase=encoder.lowercase,
+            long_text=m.long_text,
+            chunk_overlap=m.chunk_overlap if chunk else None,
+            max_chunks=m.max_chunks if chunk else None,
+            document_prompt=self.document_prompt,
+            template=self.config.source.template,
+        )
+        weights = models.model_identity(m.name, spec.model, spec.revision)
+        self.model_identity = models.vector_identity(weights, self.settings)
         self.dim = encoder.dim
+        log.info(
+            "model %s: window %d tokens, %s, document prompt %r, query prompt %r",
+            weights,
+            encoder.max_tokens,
+            encoder.modules,
+            self.document_prompt,
+            self.query_prompt,
+        )
         return encoder
 
     def prepare(self) -> None:
@@ -152,7 +184,13 @@ class Job:
         schema = stream.check_source(spark, cfg.source)
         keys = stream.key_fields(schema, cfg.source.key)
         self.load_model()
-        target.check_target(spark, cfg.target, key_fields=keys, model_identity=self.model_identity)
+        target.check_target(
+            spark,
+            cfg.target,
+            key_fields=keys,
+            model_identity=self.model_identity,
+            settings=self.settings,
+        )
         target.check_quarantine(spark, cfg.target.quarantine)
         checkpoint = Checkpoint(spark, cfg.checkpoint.location)
         notes = self._checked_checkpoint_notes(spark, checkpoint)
@@ -164,16 +202,31 @@ class Job:
             key_fields=keys,
             model_identity=self.model_identity,
             dim=self.dim,
-            consumer_properties=target.consumer_properties(
-                model_name=cfg.model.name,
-                model_revision=cfg.model.revision,
-                source=cfg.source,
-                template=cfg.source.template,
-            ),
+            settings=self.settings,
+            consumer_properties=self.consumer_properties(),
             deletion_vectors=cfg.target.deletion_vectors,
         )
         target.ensure_quarantine(spark, cfg.target.quarantine)
         checkpoint.write_notes(notes)
+
+    def consumer_properties(self) -> dict[str, str]:
+        """What ``deltavec search`` reads from the target (after ``load_model``)."""
+        cfg = self.config
+        return target.consumer_properties(
+            model_name=cfg.model.name,
+            model_revision=cfg.model.revision,
+            source=cfg.source,
+            template=cfg.source.template,
+            query_prompt=self.query_prompt,
+        )
+
+    def embed_batches(self) -> EmbedBatches:
+        """The ``mapInArrow`` function that embeds on the workers (after ``load_model``)."""
+        return EmbedBatches(
+            model=self.config.model.name,
+            spec=self.encoder_spec(for_workers=True),
+            prompt=self.document_prompt,
+        )
 
     def take_lease(self) -> None:
         """Hold the checkpoint's lease until ``close``: a second job on it is refused."""
@@ -212,7 +265,7 @@ class Job:
         if notes.get("model") and notes["model"] != self.model_identity:
             raise CheckpointError(
                 f"checkpoint {checkpoint.location} was written with model {notes['model']}, "
-                f"not {self.model_identity}; run 'deltavec reembed' to change models"
+                f"not {self.model_identity}; run 'deltavec reembed' to change models or settings"
             )
         # Every start counts, so the metrics can report restarts across driver restarts.
         self._starts = int(notes.get("starts", 0)) + 1
@@ -260,7 +313,7 @@ class Job:
             template=cfg.source.template,
             text_columns=cfg.source.text_columns,
             mode=mode,
-            embed=EmbedBatches(model=cfg.model.name, spec=self.encoder_spec(for_workers=True)),
+            embed=self.embed_batches(),
             model_identity=self.model_identity,
             dim=self.dim,
             parallelism=self.spark.sparkContext.defaultParallelism,

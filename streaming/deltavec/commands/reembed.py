@@ -1,4 +1,4 @@
-"""``deltavec reembed --model …``: move a target to another model, all at once.
+"""``deltavec reembed [--model …]``: move a target to another model or new settings, all at once.
 
 Vectors of two models cannot be compared, so consumers must never see a mix. The
 re-embedding is therefore built beside the target and swapped in by one Delta
@@ -56,7 +56,12 @@ from deltavec.embed.balance import spread_by_length
 from deltavec.errors import CheckpointError, TargetError
 from deltavec.runtime import faults, tables
 from deltavec.sink.merge import Layout
-from deltavec.sink.target import DIM_PROPERTY, MODEL_PROPERTY, target_deletion_vectors
+from deltavec.sink.target import (
+    DIM_PROPERTY,
+    MODEL_PROPERTY,
+    SETTINGS_PROPERTY,
+    target_deletion_vectors,
+)
 from deltavec.sink.transactions import session_settings
 from deltavec.source import changes
 
@@ -96,8 +101,9 @@ class Reembed:
 
     Args:
         config: the job's configuration (source, target, checkpoint, Spark).
-        model: the new model: "default", a local folder or a Hugging Face id.
-        revision: its Hugging Face revision.
+        model: the new model: "default", a local folder or a Hugging Face id; None
+            keeps the config's (to apply new settings, such as ``model.max_tokens``).
+        revision: its Hugging Face revision (with ``model``).
         spark: a session to use; built from the config when None.
         chunk_rows: rows embedded and staged per commit (the unit of resumption).
         progress: called with (rows done, rows in all) after each chunk.
@@ -107,7 +113,7 @@ class Reembed:
         self,
         config: DeltavecConfig,
         *,
-        model: str,
+        model: str | None = None,
         revision: str | None = None,
         spark: SparkSession | None = None,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
@@ -115,8 +121,11 @@ class Reembed:
     ) -> None:
         from deltavec.commands.job import Job
 
-        new_model = config.model.model_copy(update={"name": model, "revision": revision})
-        self.config = config.model_copy(update={"model": new_model})
+        # The same model with new settings (a window, a prompt) is a re-embedding too.
+        if model is not None:
+            new_model = config.model.model_copy(update={"name": model, "revision": revision})
+            config = config.model_copy(update={"model": new_model})
+        self.config = config
         self.job: Job = Job(self.config, spark)
         self.chunk_rows = chunk_rows
         self.progress = progress
@@ -244,8 +253,6 @@ class Reembed:
     ) -> None:
         from pyspark.sql import functions as F
 
-        from deltavec.embed.udf import EmbedBatches
-
         keys = list(self.config.source.key)
         staged = tables.read(self.spark, staging).select(*keys, BATCH_TEXT_HASH)
         todo = rows.join(staged, on=[*keys, BATCH_TEXT_HASH], how="left_anti").persist()
@@ -254,8 +261,7 @@ class Reembed:
             report.reused = report.rows - missing
             report.chunks = max(1, math.ceil(missing / self.chunk_rows)) if missing else 0
             self._tell(report.reused, report.rows)
-            spec = job.encoder_spec(for_workers=True)
-            embed = EmbedBatches(model=self.config.model.name, spec=spec)
+            embed = job.embed_batches()
             parallelism = self.spark.sparkContext.defaultParallelism
             bucket = F.pmod(F.xxhash64(*keys), F.lit(report.chunks or 1))
             done = report.reused
@@ -304,10 +310,14 @@ class Reembed:
             F.col(BATCH_SOURCE_VERSION).cast("long").alias(SOURCE_VERSION),
             F.current_timestamp().alias(EMBEDDED_AT),
         )
+        assert job.settings is not None
         properties = {
             **tables.properties(spark, cfg.target),
             MODEL_PROPERTY: job.model_identity,
+            SETTINGS_PROPERTY: job.settings.to_json(),
             DIM_PROPERTY: str(job.dim),
+            # search loads the new model, its window and its query prompt.
+            **job.consumer_properties(),
         }
         view = "deltavec_reembed_rows"
         final.createOrReplaceTempView(view)

@@ -1,15 +1,17 @@
-"""Text to vectors with a Hugging Face transformer. No Spark in here.
+"""Text to vectors with a sentence-transformers model. No Spark in here.
 
-The encoder tokenizes a whole Arrow batch in one call, sorts the sequences by
-token length and packs them into forward passes under a budget of padded tokens,
-so short and long texts each run at the batch size that fits them. Pooling and
-normalisation follow the model's own sentence-transformers files; a folder
-without them gets mean pooling and L2 normalisation.
+What a vector *is* belongs to the model's own sentence-transformers modules
+(Transformer, Pooling, Dense, Normalize, ...), loaded by ``SentenceTransformer``
+itself; how batches are cut and scheduled belongs to deltavec. The encoder
+tokenizes a whole Arrow batch in one call with the model's tokenizer (its
+lowercasing included), sorts the sequences by token length, packs them into
+forward passes under a budget of padded tokens and runs the model's module stack
+on each. A plain transformers folder, without sentence-transformers files, gets
+mean pooling and L2 normalisation.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -30,7 +32,6 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
-POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken")
 # Characters kept per token of the window before tokenizing: far more than any
 # real text needs (English averages about 4), so truncation is still decided by
 # the tokenizer, but a 10 MB string is never tokenized whole.
@@ -42,8 +43,8 @@ class EncoderSpec:
     """Everything needed to build an encoder on a worker; hashable, so it keys the cache.
 
     Attributes:
-        model: a local folder or a Hugging Face id (already resolved, never "default").
-        revision: Hugging Face revision, for ids only.
+        model: a local folder (already resolved: never "default" nor a Hub id).
+        revision: the Hugging Face revision the folder was resolved from, for the log.
         max_tokens: tokens kept per text (window length); None for the model's limit.
         batch_tokens: padded tokens per forward pass; None picks one for the device.
         device: "auto", "cpu", "cuda" or "cuda:N".
@@ -51,7 +52,8 @@ class EncoderSpec:
         long_text: "truncate" keeps the first window; "chunk" averages all windows.
         chunk_overlap: tokens shared by neighbouring windows in chunk mode.
         max_chunks: windows per text at most in chunk mode.
-        trust_remote_code: passed to transformers; off unless the config turns it on.
+        trust_remote_code: passed to sentence-transformers and transformers; off
+            unless the config turns it on.
         threads: CPU cores this encoder may keep busy; None takes torch's default
             (``OMP_NUM_THREADS``, else the machine's cores). On a CPU each core runs
             its own forward passes with one intra-op thread (see ``_CpuLanes``).
@@ -107,18 +109,20 @@ class _Sequences:
         self.lengths = np.fromiter((len(s) for s in self.ids), dtype=np.int64, count=len(self.ids))
 
 
-@dataclass(frozen=True)
-class Pooling:
-    modes: tuple[str, ...]
-    normalize: bool
-
-
 class Encoder:
-    """A loaded model plus tokenizer that turns lists of strings into float32 rows."""
+    """A loaded sentence-transformers model that turns lists of strings into float32 rows.
+
+    Attributes:
+        model: the ``SentenceTransformer`` (its modules define the vector).
+        tokenizer: the model's fast tokenizer, lowercasing included.
+        max_tokens: the window: tokens kept per sequence.
+        prompts: the model's named prompts (``config_sentence_transformers.json``).
+        normalizes: whether the model's last module L2-normalises.
+        modules: the module stack, as recorded in the target (``Transformer>Pooling(cls)>...``).
+    """
 
     def __init__(self, spec: EncoderSpec) -> None:
         import torch
-        from transformers import AutoModel, AutoTokenizer
 
         self.spec = spec
         self.device = _pick_device(spec.device)
@@ -133,35 +137,33 @@ class Encoder:
         self.dtype = _pick_dtype(spec.precision, self.device)
         self.batch_tokens = spec.batch_tokens or _default_batch_tokens(self.device)
         folder = Path(spec.model)
-        st_config = _read_json(folder / "sentence_bert_config.json") if folder.is_dir() else {}
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                spec.model,
-                revision=spec.revision,
-                trust_remote_code=spec.trust_remote_code,
-                use_fast=True,
-            )
-            self.model = AutoModel.from_pretrained(
-                spec.model,
-                revision=spec.revision,
-                trust_remote_code=spec.trust_remote_code,
-                attn_implementation="sdpa",
-                # transformers 5 keeps the dtype the weights were saved in; many
-                # models ship fp16 or bf16 weights. Hold them in fp32 and let
-                # autocast pick the arithmetic, so `precision` means what it says.
-                dtype=torch.float32,
-                # Pickle-based .bin weights can run code when loaded; a folder
-                # that has safetensors must use them.
-                use_safetensors=True if _has_safetensors(folder) else None,
-            )
-        except (OSError, ValueError) as exc:
-            raise ModelError(_load_failure(spec.model, exc)) from exc
-        if not getattr(self.tokenizer, "is_fast", False):
+        self.model = _load_sentence_transformer(spec, self.device)
+        first = self.model[0]
+        tokenizer = getattr(first, "tokenizer", None)
+        if tokenizer is None or not getattr(tokenizer, "is_fast", False):
             raise ModelError(f"model {spec.model} has no fast tokenizer; deltavec needs one")
-        self.model.eval().to(self.device)
-        self.pooling = _read_pooling(folder) if folder.is_dir() else Pooling(("mean",), True)
-        self.lowercase = bool(st_config.get("do_lower_case", False))
-        self.max_tokens = self._window(st_config.get("max_seq_length"))
+        self.tokenizer: Any = tokenizer
+        if not (folder / "modules.json").is_file():
+            from sentence_transformers.base.modules import Normalize
+
+            # sentence-transformers gives such a folder mean pooling; deltavec has
+            # always normalised it too, so its targets keep their vectors.
+            self.model.append(Normalize())
+            log.info(
+                "model %s has no sentence-transformers files: mean pooling and L2 normalisation",
+                spec.model,
+            )
+        # Weights stay in fp32 whatever dtype they were saved in (many models ship
+        # fp16 or bf16); autocast picks the arithmetic, so `precision` means what it says.
+        self.model.to(dtype=torch.float32)
+        self.model.eval()
+        self.prompts: dict[str, str] = dict(getattr(self.model, "prompts", None) or {})
+        self.normalizes = any(type(m).__name__ == "Normalize" for m in self.model)
+        # The tokenizer itself lowercases (sentence-transformers installs a normaliser).
+        self.lowercase = bool(getattr(first, "do_lower_case", False))
+        self.modules = ">".join(_describe(m) for m in self.model)
+        self._prompt_aware = any(getattr(m, "include_prompt", True) is False for m in self.model)
+        self.max_tokens = self._window(first)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self._uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
         try:
@@ -174,19 +176,27 @@ class Encoder:
                 f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
             ) from exc
 
-    def _window(self, st_max: int | None) -> int:
-        limits = [st_max] if st_max else []
-        positions = getattr(self.model.config, "max_position_embeddings", None)
-        if not limits and positions:
-            limits.append(int(positions))
-        tok_max = getattr(self.tokenizer, "model_max_length", None)
-        if not limits and tok_max and tok_max < 1_000_000:
-            limits.append(int(tok_max))
+    def _window(self, transformer: Any) -> int:
+        """Tokens per sequence: the model's ``max_seq_length``, never past its positions."""
+        limits = []
+        st_max = getattr(self.model, "max_seq_length", None)
+        if st_max and st_max < 1_000_000:
+            limits.append(int(st_max))
+        config = getattr(getattr(transformer, "auto_model", None), "config", None)
+        positions = getattr(config, "max_position_embeddings", None)
+        if isinstance(positions, int) and positions > 0:
+            # RoBERTa, XLM-R and MPNet number positions from padding_idx + 1, so
+            # their 514 positions hold 512 tokens; one more indexes past the table.
+            limits.append(positions - _position_offset(transformer.auto_model))
         if self.spec.max_tokens:
             limits.append(self.spec.max_tokens)
         if not limits:
             raise ModelError(f"model {self.spec.model} states no maximum sequence length")
         return min(limits)
+
+    def prompt(self, name: str) -> str:
+        """The model's prompt called ``name``, or "" when it has none."""
+        return self.prompts.get(name, "")
 
     def _probe_dim(self) -> int:
         vectors, _ = self.encode(["deltavec probe"])
@@ -196,12 +206,14 @@ class Encoder:
 
     # -- tokenization -----------------------------------------------------------------
 
-    def _tokenize(self, texts: Sequence[str]) -> _Sequences:
+    def _tokenize(self, texts: Sequence[str], prompt: str) -> _Sequences:
         chunk = self.spec.long_text == "chunk"
         step = self.max_tokens - min(self.spec.chunk_overlap, self.max_tokens // 2)
         windows = self.spec.max_chunks if chunk else 1
         cap = (self.max_tokens + step * (windows - 1)) * _CHARS_PER_TOKEN_CAP
-        prepared = [(t.lower() if self.lowercase else t)[:cap] for t in texts]
+        # The prompt leads the text, as in sentence-transformers' encode(prompt=...);
+        # in chunk mode it therefore leads the first window.
+        prepared = [prompt + t[:cap] for t in texts]
         if not chunk:
             encoded = self.tokenizer(
                 prepared,
@@ -248,8 +260,12 @@ class Encoder:
 
     # -- the model ---------------------------------------------------------------------
 
-    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, EncodeStats]:
+    def encode(self, texts: Sequence[str], *, prompt: str = "") -> tuple[np.ndarray, EncodeStats]:
         """Embed texts, in input order.
+
+        Args:
+            texts: the texts.
+            prompt: text put before each one (a model's ``passage: `` or ``query: ``).
 
         Returns:
             A float32 array of shape (len(texts), dim), and what the call did.
@@ -258,7 +274,8 @@ class Encoder:
         if not texts:
             return np.zeros((0, getattr(self, "dim", 0)), dtype=np.float32), stats
         started = time.perf_counter()
-        seqs = self._tokenize(texts)
+        seqs = self._tokenize(texts, prompt)
+        skip = self._prompt_length(prompt)
         stats.tokenize_seconds = time.perf_counter() - started
         stats.sequences = len(seqs.ids)
         stats.truncated = seqs.truncated
@@ -267,11 +284,11 @@ class Encoder:
         started = time.perf_counter()
         if self.lanes > 1 and len(batches) > 1:
             outputs = self._cpu_lanes().map(
-                lambda batch: self._forward([seqs.ids[i] for i in batch]), batches
+                lambda batch: self._forward([seqs.ids[i] for i in batch], skip), batches
             )
         else:
             outputs = (
-                self._forward_splitting_on_oom([seqs.ids[i] for i in batch], stats)
+                self._forward_splitting_on_oom([seqs.ids[i] for i in batch], stats, skip)
                 for batch in batches
             )
         pooled: np.ndarray | None = None
@@ -300,15 +317,25 @@ class Encoder:
         np.add.at(sums, seqs.owner, pooled * weights[:, None])
         totals = np.bincount(seqs.owner, weights=weights, minlength=n).astype(np.float32)
         merged = sums / np.maximum(totals, 1e-12)[:, None]
-        if self.pooling.normalize:
+        if self.normalizes:
             merged /= np.maximum(np.linalg.norm(merged, axis=1, keepdims=True), 1e-12)
         return merged
 
-    def _forward_splitting_on_oom(self, ids: list[list[int]], stats: EncodeStats) -> np.ndarray:
+    def _prompt_length(self, prompt: str) -> int:
+        """Prompt tokens a prompt-excluding Pooling leaves out (sentence-transformers' rule)."""
+        if not prompt or not self._prompt_aware:
+            return 0
+        ids = self.tokenizer(prompt)["input_ids"]
+        trailing = 1 if ids and ids[-1] in self.tokenizer.all_special_ids else 0
+        return len(ids) - trailing
+
+    def _forward_splitting_on_oom(
+        self, ids: list[list[int]], stats: EncodeStats, skip: int = 0
+    ) -> np.ndarray:
         import torch
 
         try:
-            return self._forward(ids)
+            return self._forward(ids, skip)
         except torch.OutOfMemoryError:
             if len(ids) == 1:
                 raise
@@ -326,13 +353,18 @@ class Encoder:
             )
             return np.concatenate(
                 [
-                    self._forward_splitting_on_oom(ids[:half], stats),
-                    self._forward_splitting_on_oom(ids[half:], stats),
+                    self._forward_splitting_on_oom(ids[:half], stats, skip),
+                    self._forward_splitting_on_oom(ids[half:], stats, skip),
                 ]
             )
 
-    def _forward(self, ids: list[list[int]]) -> np.ndarray:
-        """Pooled vectors of one padded batch; safe to call from several threads."""
+    def _forward(self, ids: list[list[int]], skip: int = 0) -> np.ndarray:
+        """The model's vectors of one padded batch; safe to call from several threads.
+
+        Args:
+            ids: token ids per sequence.
+            skip: leading prompt tokens a prompt-excluding Pooling leaves out.
+        """
         import torch
 
         width = max(len(s) for s in ids)
@@ -341,17 +373,20 @@ class Encoder:
         for row, seq in enumerate(ids):
             input_ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
-        inputs = {
+        features: dict[str, Any] = {
             "input_ids": torch.from_numpy(input_ids).to(self.device, non_blocking=True),
             "attention_mask": torch.from_numpy(mask).to(self.device, non_blocking=True),
         }
         if self._uses_token_types:
-            inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+            features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        if skip:
+            features["prompt_length"] = skip
         with torch.inference_mode(), _autocast(self.device, self.dtype):
-            hidden = self.model(**inputs).last_hidden_state
-            vectors = _pool(hidden, inputs["attention_mask"], self.pooling)
+            # The model's own module stack: Transformer, Pooling, Dense, Normalize...
+            vectors = self.model(features)["sentence_embedding"]
         # One host copy per forward pass: the GPU never holds more than one batch.
-        return vectors.float().cpu().numpy()
+        out: np.ndarray = vectors.float().cpu().numpy()
+        return out
 
 
 class _CpuLanes:
@@ -401,9 +436,14 @@ class RowFailure:
 
 
 def encode_isolating_failures(
-    encoder: Encoder, texts: Sequence[str]
+    encoder: Encoder, texts: Sequence[str], *, prompt: str = ""
 ) -> tuple[np.ndarray, list[RowFailure], EncodeStats]:
     """Embed texts; when a batch raises, bisect it so only the failing rows are lost.
+
+    Args:
+        encoder: the model.
+        texts: the texts.
+        prompt: text put before each one.
 
     Returns:
         Vectors (rows of failed texts are NaN), the failures, and the stats.
@@ -412,7 +452,7 @@ def encode_isolating_failures(
     dim = encoder.dim
     out = np.full((len(texts), dim), np.nan, dtype=np.float32)
     failures: list[RowFailure] = []
-    for lo, hi, vectors, error in _bisect(encoder, texts, 0, len(texts), stats):
+    for lo, hi, vectors, error in _bisect(encoder, texts, 0, len(texts), stats, prompt):
         if vectors is not None:
             out[lo:hi] = vectors
         else:
@@ -421,12 +461,12 @@ def encode_isolating_failures(
 
 
 def _bisect(
-    encoder: Encoder, texts: Sequence[str], lo: int, hi: int, stats: EncodeStats
+    encoder: Encoder, texts: Sequence[str], lo: int, hi: int, stats: EncodeStats, prompt: str
 ) -> Iterator[tuple[int, int, np.ndarray | None, BaseException | None]]:
     if lo >= hi:
         return
     try:
-        vectors, part = encoder.encode(texts[lo:hi])
+        vectors, part = encoder.encode(texts[lo:hi], prompt=prompt)
     except (MemoryError, KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # noqa: BLE001 - any model failure isolates rows, never the task
@@ -435,8 +475,8 @@ def _bisect(
             yield lo, hi, None, exc
             return
         mid = (lo + hi) // 2
-        yield from _bisect(encoder, texts, lo, mid, stats)
-        yield from _bisect(encoder, texts, mid, hi, stats)
+        yield from _bisect(encoder, texts, lo, mid, stats, prompt)
+        yield from _bisect(encoder, texts, mid, hi, stats, prompt)
         return
     stats.add(part)
     yield lo, hi, vectors, None
@@ -461,84 +501,70 @@ def _first_n_per_owner(owner: np.ndarray, n: int) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
-def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    import torch
-
-    hidden = hidden.float()
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    parts = []
-    for mode in pooling.modes:
-        if mode == "cls":
-            parts.append(hidden[:, 0])
-        elif mode == "lasttoken":
-            last = mask.sum(dim=1) - 1
-            parts.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
-        elif mode == "max":
-            parts.append(hidden.masked_fill(weights == 0, -1e9).max(dim=1).values)
-        else:
-            summed = (hidden * weights).sum(dim=1)
-            counts = weights.sum(dim=1).clamp(min=1e-9)
-            parts.append(summed / (counts.sqrt() if mode == "mean_sqrt_len" else counts))
-    vectors = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    if pooling.normalize:
-        vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-    return vectors
-
-
 def _has_safetensors(folder: Path) -> bool:
     return folder.is_dir() and any(folder.glob("*.safetensors"))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _load_sentence_transformer(spec: EncoderSpec, device: str) -> Any:
+    """``SentenceTransformer`` on ``spec.model``, weights in fp32, SDPA attention where it runs."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    folder = Path(spec.model)
+    model_kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": "sdpa"}
+    if _has_safetensors(folder):
+        # Pickle-based .bin weights can run code when loaded; a folder that has
+        # safetensors must use them.
+        model_kwargs["use_safetensors"] = True
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path} cannot be read: {exc}") from None
-    return data if isinstance(data, dict) else {}
-
-
-def _read_pooling(folder: Path) -> Pooling:
-    modules_file = folder / "modules.json"
-    if not modules_file.exists():
-        return Pooling(("mean",), True)
-    modules = json.loads(modules_file.read_text(encoding="utf-8"))
-    modes: tuple[str, ...] = ("mean",)
-    normalize = False
-    for module in modules:
-        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
-        if kind == "Transformer":
-            continue
-        if kind == "Pooling":
-            modes = _pooling_modes(_read_json(folder / module.get("path", "") / "config.json"))
-        elif kind == "Normalize":
-            normalize = True
-        else:
-            raise ModelError(
-                f"model {folder} uses a sentence-transformers module deltavec does not run: "
-                f"{kind} (supported: Transformer, Pooling, Normalize)"
+        try:
+            return SentenceTransformer(
+                spec.model,
+                device=device,
+                trust_remote_code=spec.trust_remote_code,
+                local_files_only=True,
+                model_kwargs=model_kwargs,
             )
-    return Pooling(modes, normalize)
+        except ValueError as exc:
+            if "attention" not in str(exc).lower():
+                raise
+            # An architecture without an SDPA kernel runs its own attention.
+            del model_kwargs["attn_implementation"]
+            return SentenceTransformer(
+                spec.model,
+                device=device,
+                trust_remote_code=spec.trust_remote_code,
+                local_files_only=True,
+                model_kwargs=model_kwargs,
+            )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(_load_failure(spec.model, exc)) from exc
 
 
-def _pooling_modes(config: dict[str, Any]) -> tuple[str, ...]:
-    if "pooling_mode" in config and isinstance(config["pooling_mode"], str):
-        mode = config["pooling_mode"].replace("mean_sqrt_len_tokens", "mean_sqrt_len")
-        if mode not in POOLING_MODES:
-            raise ModelError(f"pooling mode {mode!r} is not supported (valid: {POOLING_MODES})")
-        return (mode,)
-    flags = {
-        "cls": config.get("pooling_mode_cls_token"),
-        "mean": config.get("pooling_mode_mean_tokens"),
-        "max": config.get("pooling_mode_max_tokens"),
-        "mean_sqrt_len": config.get("pooling_mode_mean_sqrt_len_tokens"),
-        "lasttoken": config.get("pooling_mode_lasttoken"),
-    }
-    if config.get("pooling_mode_weightedmean_tokens"):
-        raise ModelError(f"pooling mode 'weightedmean' is not supported (valid: {POOLING_MODES})")
-    modes = tuple(mode for mode, on in flags.items() if on)
-    return modes or ("mean",)
+def _describe(module: Any) -> str:
+    """A module as the target records it: its kind, and for Pooling its modes."""
+    kind = type(module).__name__
+    if kind == "Pooling":
+        modes = getattr(module, "get_pooling_mode_str", None)
+        mode = modes() if callable(modes) else getattr(module, "pooling_mode", "?")
+        prompt = "" if getattr(module, "include_prompt", True) else ",no-prompt"
+        return f"Pooling({mode}{prompt})"
+    if kind == "Dense":
+        return f"Dense({module.in_features}->{module.out_features})"
+    return kind
+
+
+def _position_offset(model: Any) -> int:
+    """Positions a model's embeddings skip before the first token (padding_idx + 1 for RoBERTa)."""
+    import torch
+
+    for module in model.modules():
+        padding_idx = getattr(module, "padding_idx", None)
+        if isinstance(padding_idx, int) and isinstance(
+            getattr(module, "position_embeddings", None), torch.nn.Embedding
+        ):
+            return padding_idx + 1
+    return 0
 
 
 def _pick_device(requested: str) -> str:

@@ -153,11 +153,13 @@ class EmbedBatches:
             on the worker so each machine finds its own copy.
         spec: encoder settings, with ``model`` left for the worker to fill in.
         output_names: the output columns, in the order of the declared schema.
+        prompt: the document prompt put before every text.
     """
 
     model: str
     spec: EncoderSpec
     output_names: tuple[str, ...] = ()
+    prompt: str = ""
 
     def __call__(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from deltavec.embed.models import resolve_model
@@ -165,7 +167,9 @@ class EmbedBatches:
 
         _log_to_stderr()
         spec = replace(
-            self.spec, model=resolve_model(self.model), device=task_device(self.spec.device)
+            self.spec,
+            model=resolve_model(self.model, self.spec.revision),
+            device=task_device(self.spec.device),
         )
         encoder = poisoned(get_encoder(spec))
         for batch in batches:
@@ -181,7 +185,9 @@ class EmbedBatches:
         vectors = np.full((batch.num_rows, encoder.dim), np.nan, dtype=np.float32)
         stats = EncodeStats()
         if good:
-            encoded, failures, stats = encode_isolating_failures(encoder, [texts[i] for i in good])
+            encoded, failures, stats = encode_isolating_failures(
+                encoder, [texts[i] for i in good], prompt=self.prompt
+            )
             vectors[good] = encoded
             for failure in failures:
                 row = good[failure.index]

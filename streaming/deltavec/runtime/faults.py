@@ -63,10 +63,10 @@ class _PoisonedEncoder:
         # Everything but encode (dim, device, dtype, ...) is the real encoder's.
         return getattr(self._encoder, name)
 
-    def encode(self, texts: Sequence[str]) -> Any:
+    def encode(self, texts: Sequence[str], *, prompt: str = "") -> Any:
         if any(self._marker in text for text in texts):
             raise InjectedFault(f"injected model failure on a text containing {self._marker!r}")
-        return self._encoder.encode(texts)
+        return self._encoder.encode(texts, prompt=prompt)
 
 
 def poisoned(encoder: T) -> T:

@@ -28,6 +28,7 @@ def run_search(args: argparse.Namespace) -> int:
         source=args.source or defaults.get("source"),
         template=defaults.get("template"),
         max_tokens=defaults.get("max_tokens"),
+        query_prompt=defaults.get("query_prompt"),
     )
     with_text = bool(search.source_path and search.template)
     hits = search.search(args.text, args.k, where=args.where, with_text=with_text)
@@ -55,6 +56,7 @@ def _target_and_defaults(args: argparse.Namespace) -> tuple[str, dict[str, Any]]
         "model": config.model.name,
         "revision": config.model.revision,
         "max_tokens": config.model.max_tokens,
+        "query_prompt": config.model.query_prompt,
         "source": config.source.path,
         "template": config.source.template,
     }

@@ -1,9 +1,10 @@
 """Text in, nearest target rows out: the query side of deltavec, without Spark.
 
 ``open_search`` reads what the target says about itself (the model name, the
-source path and template the job wrote as table properties), loads that model,
-checks that its weights are the ones the vectors came from, and answers text
-queries with keys, scores and, when asked, the source rows behind them.
+window and query prompt, the source path and template the job wrote as table
+properties), loads that model, checks that its weights are the ones the vectors
+came from, and answers text queries with keys, scores and, when asked, the
+source rows behind them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from deltavec.search.source_table import matching_keys, open_source, render, row
 from deltavec.sink.target import (
     MODEL_NAME_PROPERTY,
     MODEL_REVISION_PROPERTY,
+    QUERY_PROMPT_PROPERTY,
     SOURCE_PROPERTY,
     TEMPLATE_PROPERTY,
+    recorded_settings,
 )
 
 if TYPE_CHECKING:
@@ -47,9 +50,11 @@ class SemanticSearch:
         source_path: str | None = None,
         template: str | None = None,
         storage_options: dict[str, str] | None = None,
+        query_prompt: str = "",
     ) -> None:
         self.index = index
         self.encoder = encoder
+        self.query_prompt = query_prompt
         self.source_path = source_path
         self.template = template
         self._storage_options = storage_options
@@ -68,8 +73,8 @@ class SemanticSearch:
         return self._source
 
     def embed(self, text: str) -> np.ndarray:
-        """The query's vector, from the same model (and weights) as the target's."""
-        vectors, _ = self.encoder.encode([text])
+        """The query's vector: the target's model and window, with its query prompt."""
+        vectors, _ = self.encoder.encode([text], prompt=self.query_prompt)
         return np.asarray(vectors[0], dtype=np.float32)
 
     def search(
@@ -150,6 +155,7 @@ def open_search(
     template: str | None = None,
     device: str = "cpu",
     max_tokens: int | None = None,
+    query_prompt: str | None = None,
 ) -> SemanticSearch:
     """Open a target for text search.
 
@@ -162,7 +168,9 @@ def open_search(
         source: the source table's path; default: the one the target names.
         template: the job's text template; default: the one the target names.
         device: where the query model runs ("cpu", "cuda", "auto").
-        max_tokens: tokens kept per query; default the model's limit.
+        max_tokens: tokens kept per query; default: the target's window.
+        query_prompt: text put before each query; default: the one the target
+            names, else the model's ``query`` prompt.
 
     Raises:
         TargetError: the target cannot be read.
@@ -176,11 +184,28 @@ def open_search(
     properties = index.properties
     name = model or properties.get(MODEL_NAME_PROPERTY) or _name_from_identity(index)
     revision = revision or properties.get(MODEL_REVISION_PROPERTY)
-    resolved = resolve_model(name)
+    resolved = resolve_model(name, revision)
     check_model(index, name, resolved, revision)
+    # The window and long-text handling the documents were embedded with.
+    settings = recorded_settings(properties)
+    long_text = str(settings.get("long_text") or "truncate")
     encoder = get_encoder(
-        EncoderSpec(model=resolved, revision=revision, device=device, max_tokens=max_tokens)
+        EncoderSpec(
+            model=resolved,
+            revision=revision,
+            device=device,
+            max_tokens=max_tokens or settings.get("max_tokens"),
+            long_text=long_text,
+            chunk_overlap=int(settings.get("chunk_overlap") or 32),
+            max_chunks=int(settings.get("max_chunks") or 32),
+        )
     )
+    if query_prompt is None:
+        query_prompt = properties.get(QUERY_PROMPT_PROPERTY)
+    if query_prompt is None:
+        from deltavec.embed.models import query_prompt as model_query_prompt
+
+        query_prompt = model_query_prompt(None, encoder.prompts)
     if index.dim and encoder.dim != index.dim:
         raise ModelError(
             f"model {name} makes {encoder.dim}-dimensional vectors; target {path} holds "
@@ -192,6 +217,7 @@ def open_search(
         source_path=source or properties.get(SOURCE_PROPERTY),
         template=template or properties.get(TEMPLATE_PROPERTY),
         storage_options=storage_options,
+        query_prompt=query_prompt,
     )
 
 
@@ -220,7 +246,10 @@ def check_model(index: VectorIndex, name: str, resolved: str, revision: str | No
 
 
 def _digest(identity: str) -> str:
-    return identity.rpartition("@")[2]
+    """The weights digest of an identity (``<model>@<digest>[#<settings>]``)."""
+    from deltavec.embed.models import weights_of
+
+    return weights_of(identity).rpartition("@")[2]
 
 
 def _name_from_identity(index: VectorIndex) -> str:
@@ -228,7 +257,7 @@ def _name_from_identity(index: VectorIndex) -> str:
     from deltavec.config import DEFAULT_MODEL
     from deltavec.embed.models import DEFAULT_MODEL_ID
 
-    label = index.model_identity.rpartition("@")[0]
+    label = index.model_identity.partition("#")[0].rpartition("@")[0]
     if not label:
         raise ModelError(
             f"target {index.path} does not record its model (table property deltavec.model)"

@@ -1,13 +1,16 @@
 """The target and quarantine tables: their schemas, creation and compatibility checks.
 
 The target records which model made its vectors in the table property
-``deltavec.model``, so a job started with another model is refused before it
-writes a single row.
+``deltavec.model`` (weights digest and a fingerprint of the settings around
+them) and the settings themselves in ``deltavec.settings``, so a job started
+with another model, or the same model with another window, pooling, long-text
+mode, document prompt or template, is refused before it writes a single row.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from typing import TYPE_CHECKING, Any
 
 from deltavec.columns import DIM, EMBEDDED_AT, EMBEDDING, MODEL, SOURCE_VERSION, TEXT_HASH
 from deltavec.config import TableRef
@@ -18,7 +21,11 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
     from pyspark.sql.types import StructField, StructType
 
+    from deltavec.embed.models import VectorSettings
+
 MODEL_PROPERTY = "deltavec.model"
+# Everything besides the weights that changed the vectors (VectorSettings, as JSON).
+SETTINGS_PROPERTY = "deltavec.settings"
 DIM_PROPERTY = "deltavec.dim"
 KEYS_PROPERTY = "deltavec.keys"
 # What a search consumer needs to query the target without the job's config:
@@ -27,6 +34,8 @@ MODEL_NAME_PROPERTY = "deltavec.model_name"
 MODEL_REVISION_PROPERTY = "deltavec.model_revision"
 SOURCE_PROPERTY = "deltavec.source"
 TEMPLATE_PROPERTY = "deltavec.template"
+# The prompt search puts before a query (the document prompt is in deltavec.settings).
+QUERY_PROMPT_PROPERTY = "deltavec.query_prompt"
 
 DELETION_VECTORS_PROPERTY = "delta.enableDeletionVectors"
 STATS_COLUMNS_PROPERTY = "delta.dataSkippingStatsColumns"
@@ -102,12 +111,14 @@ def ensure_target(
     key_fields: list[StructField],
     model_identity: str,
     dim: int,
+    settings: VectorSettings | None = None,
     consumer_properties: dict[str, str] | None = None,
     deletion_vectors: bool = True,
 ) -> None:
     """Create the target if it is missing; refuse one this job cannot write.
 
     Args:
+        settings: what besides the weights made the vectors, recorded for the checks.
         consumer_properties: more table properties for a new target, from
             ``consumer_properties()``.
         deletion_vectors: create the target with Delta deletion vectors. Set
@@ -117,7 +128,9 @@ def ensure_target(
     Raises:
         TargetError: the table exists with another schema, keys or model.
     """
-    if check_target(spark, ref, key_fields=key_fields, model_identity=model_identity):
+    if check_target(
+        spark, ref, key_fields=key_fields, model_identity=model_identity, settings=settings
+    ):
         return
     _create(
         spark,
@@ -125,6 +138,7 @@ def ensure_target(
         target_schema(key_fields),
         {
             MODEL_PROPERTY: model_identity,
+            **({SETTINGS_PROPERTY: settings.to_json()} if settings else {}),
             DIM_PROPERTY: str(dim),
             KEYS_PROPERTY: ",".join(f.name for f in key_fields),
             DELETION_VECTORS_PROPERTY: str(deletion_vectors).lower(),
@@ -153,10 +167,19 @@ def target_deletion_vectors(spark: SparkSession, ref: TableRef, *, default: bool
 
 
 def consumer_properties(
-    *, model_name: str, model_revision: str | None, source: TableRef, template: str
+    *,
+    model_name: str,
+    model_revision: str | None,
+    source: TableRef,
+    template: str,
+    query_prompt: str = "",
 ) -> dict[str, str]:
     """Table properties that let ``deltavec search`` load the model and the source by itself."""
-    properties = {MODEL_NAME_PROPERTY: model_name, TEMPLATE_PROPERTY: template}
+    properties = {
+        MODEL_NAME_PROPERTY: model_name,
+        TEMPLATE_PROPERTY: template,
+        QUERY_PROMPT_PROPERTY: query_prompt,
+    }
     if model_revision:
         properties[MODEL_REVISION_PROPERTY] = model_revision
     # A catalog name means nothing to a reader without the catalog.
@@ -166,7 +189,12 @@ def consumer_properties(
 
 
 def check_target(
-    spark: SparkSession, ref: TableRef, *, key_fields: list[StructField], model_identity: str
+    spark: SparkSession,
+    ref: TableRef,
+    *,
+    key_fields: list[StructField],
+    model_identity: str,
+    settings: VectorSettings | None = None,
 ) -> bool:
     """Whether the target exists; raise TargetError if it exists but does not fit.
 
@@ -189,14 +217,43 @@ def check_target(
                 f"{have[wanted.name].simpleString()}, deltavec writes "
                 f"{wanted.dataType.simpleString()}"
             )
-    recorded = tables.properties(spark, ref).get(MODEL_PROPERTY)
+    properties = tables.properties(spark, ref)
+    recorded = properties.get(MODEL_PROPERTY)
     if recorded and recorded != model_identity:
-        raise TargetError(
-            f"target {ref.name} holds vectors from model {recorded}, but this job uses "
-            f"{model_identity}; run 'deltavec reembed --model ...' to switch models, "
+        raise TargetError(mismatch(ref.name, recorded, model_identity, properties, settings))
+    return True
+
+
+def mismatch(
+    name: str,
+    recorded: str,
+    identity: str,
+    properties: dict[str, str],
+    settings: VectorSettings | None,
+) -> str:
+    """One line saying why vectors of ``identity`` do not belong in a target of ``recorded``."""
+    from deltavec.embed.models import changed_setting, weights_of
+
+    if weights_of(recorded) != weights_of(identity) or settings is None:
+        return (
+            f"target {name} holds vectors from model {weights_of(recorded)}, but this job uses "
+            f"{weights_of(identity)}; run 'deltavec reembed --model ...' to switch models, "
             "or write to a new target"
         )
-    return True
+    change = changed_setting(recorded_settings(properties), settings) or "its settings"
+    return (
+        f"target {name} was embedded with {change}; run 'deltavec reembed' to re-embed it "
+        "with the new settings, or write to a new target"
+    )
+
+
+def recorded_settings(properties: dict[str, str]) -> dict[str, Any]:
+    """The ``deltavec.settings`` a target records; {} for a target that records none."""
+    try:
+        value = json.loads(properties.get(SETTINGS_PROPERTY) or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def ensure_quarantine(spark: SparkSession, ref: TableRef) -> None:
