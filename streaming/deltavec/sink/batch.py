@@ -298,6 +298,10 @@ class MergeSink:
         for group in groups:
             rows, problem = int(group["count"]), group[PROBLEM]
             report.rows += rows
+            if problem is not None and group[OP] == DELETE:
+                # A keyless row's delete or preimage: it only takes the row's
+                # quarantine entry out; the target never held it.
+                continue
             if problem is not None:
                 report.quarantined[problem] = report.quarantined.get(problem, 0) + rows
             if group[IS_DUPLICATE]:

@@ -1,0 +1,79 @@
+"""Exactly one up-to-date vector per live key, in the corners a plain stream never meets.
+
+Each test drives the real job (real Spark, real Delta tables, the default model)
+through a scenario the kill test does not: a key-changing UPDATE, a null key that
+is updated and deleted, one key appended by two commits of one micro-batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deltavec.commands.job import Job
+from deltavec.config import load_config
+from tests.conftest import read_target, write_config, write_rows
+
+pytestmark = pytest.mark.slow
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _quarantine(spark: Any, tmp_path: Path) -> list[Any]:
+    return spark.read.format("delta").load(str(tmp_path / "target_quarantine")).collect()
+
+
+def test_changes_mode_follows_key_changes_and_null_keys_without_leftovers(
+    spark: Any, tmp_path: Path
+) -> None:
+    from delta.tables import DeltaTable
+
+    source = tmp_path / "source"
+    config = load_config(write_config(tmp_path, source={"mode": "changes"}))
+    write_rows(
+        spark,
+        source,
+        [
+            {"id": 1, "title": "Moves to key ten", "abstract": "a"},
+            {"id": 2, "title": "Stays", "abstract": "b"},
+            {"id": 3, "title": "Swaps with four", "abstract": "c"},
+            {"id": 4, "title": "Swaps with three", "abstract": "d"},
+            {"id": None, "title": "No key yet", "abstract": "e"},
+        ],
+    )
+    first = Job(config, spark).run(once=True)
+    assert first.quarantined == 1
+
+    table = DeltaTable.forPath(spark, str(source))
+    # An UPDATE that changes a key: the old key's vector must go.
+    table.update("id = 1", {"id": "10"})
+    # Two keys swapped in one commit: both keep a vector, of the other's text.
+    table.update("id IN (3, 4)", {"id": "7 - id"})
+    # A keyless row edited twice: still one quarantine row, with the newest text.
+    table.update("id IS NULL", {"title": "'No key, edited'"})
+    table.update("id IS NULL", {"title": "'No key, edited twice'"})
+    second = Job(config, spark).run(once=True)
+
+    target = {r["id"]: r for r in read_target(spark, tmp_path / "target")}
+    assert sorted(target) == [2, 3, 4, 10]
+    assert target[10]["text_hash"] == _sha("Moves to key ten [SEP] a")
+    assert target[3]["text_hash"] == _sha("Swaps with three [SEP] d")
+    assert target[4]["text_hash"] == _sha("Swaps with four [SEP] c")
+    [keyless] = _quarantine(spark, tmp_path)
+    assert (keyless["reason"], keyless["value"]) == ("null_key", "No key, edited twice [SEP] e")
+    # Key 1 is the one delete; each keyless postimage counts as quarantined once,
+    # its preimages count as nothing.
+    assert (second.deleted, second.quarantined) == (1, 2)
+
+    # Deleting the keyless row empties the quarantine; it is neither a delete nor
+    # a new quarantine row.
+    table.delete("id IS NULL")
+    third = Job(config, spark).run(once=True)
+    assert _quarantine(spark, tmp_path) == []
+    assert (third.deleted, third.quarantined) == (0, 0)
+    assert sorted(r["id"] for r in read_target(spark, tmp_path / "target")) == [2, 3, 4, 10]
