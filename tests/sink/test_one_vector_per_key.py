@@ -77,3 +77,63 @@ def test_changes_mode_follows_key_changes_and_null_keys_without_leftovers(
     assert _quarantine(spark, tmp_path) == []
     assert (third.deleted, third.quarantined) == (0, 0)
     assert sorted(r["id"] for r in read_target(spark, tmp_path / "target")) == [2, 3, 4, 10]
+
+
+def _later_loses_on_hash(first: str, second: str) -> tuple[str, str]:
+    """The two texts ordered so the later one has the smaller SHA-256: a tie-break by
+    hash alone would keep the older text."""
+    return (first, second) if _sha(first) > _sha(second) else (second, first)
+
+
+def test_append_mode_keeps_the_later_commit_of_a_key_read_in_one_batch(
+    spark: Any, tmp_path: Path
+) -> None:
+    source = tmp_path / "source"
+    config = load_config(write_config(tmp_path))
+    older, newer = _later_loses_on_hash("Draft title [SEP] x", "Final title [SEP] x")
+    # Inside the starting snapshot: key 1 appended by two commits.
+    write_rows(spark, source, [{"id": 1, "title": older.split(" [SEP] ")[0], "abstract": "x"}])
+    write_rows(spark, source, [{"id": 1, "title": newer.split(" [SEP] ")[0], "abstract": "x"}])
+    first = Job(config, spark).run(once=True)
+    older2, newer2 = _later_loses_on_hash("Second key, old [SEP] y", "Second key, new [SEP] y")
+    # After it: key 2 appended by two commits that reach the stream in one micro-batch.
+    write_rows(spark, source, [{"id": 2, "title": older2.split(" [SEP] ")[0], "abstract": "y"}])
+    write_rows(spark, source, [{"id": 2, "title": newer2.split(" [SEP] ")[0], "abstract": "y"}])
+    second = Job(config, spark).run(once=True)
+
+    target = {r["id"]: r for r in read_target(spark, tmp_path / "target")}
+    assert sorted(target) == [1, 2]
+    assert target[1]["text_hash"] == _sha(newer) and target[1]["source_version"] == 1
+    assert target[2]["text_hash"] == _sha(newer2) and target[2]["source_version"] == 3
+    assert len(second.reports) == 1
+    # Two commits of one key are an update, not a duplicate key within a commit.
+    assert first.duplicates == second.duplicates == 0
+
+
+def test_a_model_out_of_memory_keeps_the_old_vector_and_quarantines_nothing(
+    spark: Any, tmp_path: Path
+) -> None:
+    from deltavec.runtime.faults import OUT_OF_MEMORY_ENV
+
+    source = tmp_path / "source"
+    config = load_config(write_config(tmp_path, source={"mode": "changes"}))
+    write_rows(spark, source, [{"id": 1, "title": "Original", "abstract": "a"}])
+    Job(config, spark).run(once=True)
+    spark.sql(f"UPDATE delta.`{source}` SET title = 'Too big for the GPU' WHERE id = 1")
+
+    environment = spark.sparkContext.environment
+    environment[OUT_OF_MEMORY_ENV] = "Too big"
+    try:
+        with pytest.raises(Exception, match="out of memory"):
+            Job(config, spark).run(once=True)
+    finally:
+        environment.pop(OUT_OF_MEMORY_ENV, None)
+    [kept] = read_target(spark, tmp_path / "target")
+    assert kept["text_hash"] == _sha("Original [SEP] a")
+    assert _quarantine(spark, tmp_path) == []
+
+    # Once the machine recovers, the replayed batch lands the new vector.
+    Job(config, spark).run(once=True)
+    [updated] = read_target(spark, tmp_path / "target")
+    assert updated["text_hash"] == _sha("Too big for the GPU [SEP] a")
+    assert _quarantine(spark, tmp_path) == []

@@ -52,6 +52,7 @@ from deltavec.sink.merge import (
 )
 from deltavec.sink.quarantine import QuarantineWriter
 from deltavec.source import changes
+from deltavec.source.commit_versions import with_commit_versions
 from deltavec.source.stream import check_batch_columns
 
 if TYPE_CHECKING:
@@ -217,6 +218,12 @@ class MergeSink:
                 self._note_skipped_commits(spark, batch_id, report)
 
         with clock("read"):
+            # A stream's batch is still a scan of source files, which name their commit.
+            streamed = source_version is None and report.source_version is not None
+            if self.mode == "append" and self.source is not None and streamed:
+                batch = with_commit_versions(
+                    spark, batch, self.source, newest=int(report.source_version or 0)
+                )
             acts = changes.actions(
                 batch,
                 keys=self.keys,

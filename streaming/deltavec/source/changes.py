@@ -40,6 +40,7 @@ from deltavec.columns import (
     UPSERT,
 )
 from deltavec.source import text
+from deltavec.source.commit_versions import COMMIT_VERSION
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
@@ -65,7 +66,8 @@ def actions(
         template: text template over ``text_columns``.
         text_columns: the columns the template reads.
         mode: "append" (plain rows) or "changes" (Change Data Feed records).
-        batch_version: in append mode, the newest source version in this batch.
+        batch_version: in append mode, the newest source version in this batch; rows
+            carry their own commit in ``_commit_version`` where the caller added it.
 
     Returns:
         Key columns plus ``_op``, ``_source_version``, ``_text``, ``_text_hash``,
@@ -80,7 +82,12 @@ def actions(
         version = F.col("_commit_version").cast("long")
     else:
         is_upsert = F.lit(True)
-        version = F.lit(batch_version).cast("long")
+        # Each row's own commit where the sink found it (``commit_versions``).
+        version = (
+            F.col(COMMIT_VERSION)
+            if COMMIT_VERSION in batch.columns
+            else F.lit(batch_version).cast("long")
+        )
     op = F.when(is_upsert, F.lit(UPSERT)).otherwise(F.lit(DELETE))
 
     rendered = text.render(template)
