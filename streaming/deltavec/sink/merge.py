@@ -71,8 +71,7 @@ from deltavec.sink.key_filter import (
     LISTED_KEYS,
     PARQUET_IN_THRESHOLD,
     KeyFilter,
-    key_ranges,
-    literal_safe,
+    frame_key_filter,
 )
 from deltavec.sink.transactions import (
     APPEND_SUFFIX,
@@ -160,15 +159,15 @@ class TargetWriter:
     # -- reading ------------------------------------------------------------------------
 
     def key_filter(self, frame: DataFrame) -> KeyFilter | None:
-        """The frame's first key column as a filter; None when it cannot be literals."""
-        first = self.keys[0]
-        values = [r[0] for r in frame.select(first).distinct().collect()]
-        if not all(literal_safe(v) for v in values if v is not None):
-            return None
-        present = [v for v in values if v is not None]
-        return KeyFilter(
-            ranges=key_ranges(present, self.layout.max_key_ranges),
-            values=present if len(present) <= self.layout.max_listed_keys else None,
+        """The frame's first key column as a filter; None when it cannot be literals.
+
+        Bounded on the driver whatever the batch holds (``frame_key_filter``).
+        """
+        return frame_key_filter(
+            frame,
+            self.keys[0],
+            max_ranges=self.layout.max_key_ranges,
+            max_listed=self.layout.max_listed_keys,
         )
 
     def existing(
