@@ -39,6 +39,7 @@ from deltavec.columns import (
 )
 from deltavec.config import TableRef
 from deltavec.embed.balance import spread_by_length
+from deltavec.errors import CheckpointError
 from deltavec.observe.logs import kv
 from deltavec.runtime import delta_log, faults
 from deltavec.sink.key_filter import KeyFilter
@@ -125,6 +126,8 @@ class MergeSink:
         source: the source table; in append mode its log tells which update and
             delete commits the stream skipped.
         layout: how the target's files are written (see ``deltavec.sink.merge``).
+        still_leased: False once the job lost its checkpoint lease to another job;
+            checked before a batch starts and again right before it writes.
     """
 
     def __init__(
@@ -146,8 +149,10 @@ class MergeSink:
         source_columns: Callable[[], list[str]] | None = None,
         source: TableRef | None = None,
         layout: Layout | None = None,
+        still_leased: Callable[[], bool] | None = None,
     ) -> None:
         self.source = source
+        self.still_leased = still_leased
         self.writer = TargetWriter(
             target=target, keys=keys, model_identity=model_identity, dim=dim, layout=layout
         )
@@ -173,6 +178,7 @@ class MergeSink:
         self.source_columns = source_columns
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
+        self._check_lease(batch_id)
         if self.stopping.is_set():
             raise StopRequested(f"stop requested before batch {batch_id}")
         self.idle.clear()
@@ -187,6 +193,13 @@ class MergeSink:
                 # Failing here would fail a batch whose MERGE is committed, and stop the stream
                 # over a metric or a status note.
                 log.warning("batch %d: a batch listener failed", batch_id, exc_info=True)
+
+    def _check_lease(self, batch_id: int) -> None:
+        if self.still_leased is not None and not self.still_leased():
+            raise CheckpointError(
+                f"batch {batch_id} not written: this job lost the checkpoint's lease to "
+                "another job, which now owns the checkpoint and the target"
+            )
 
     @property
     def app_id(self) -> str:
@@ -256,6 +269,8 @@ class MergeSink:
 
         try:
             faults.maybe_fail("before_merge")
+            # The embed stage can outlast a lease period: check again before writing.
+            self._check_lease(batch_id)
             with clock("merge"):
                 if report.embedded or report.deletes or report.quarantined:
                     self._merge_target(spark, acts, embedded, existing, batch_id, key_filter)
