@@ -253,3 +253,17 @@ def test_a_sink_whose_job_lost_the_lease_writes_nothing(tmp_path: Path) -> None:
     finally:
         lease.release()
     assert not (tmp_path / "target").exists()
+
+
+@pytest.mark.slow
+def test_a_lease_through_hadoop_is_exclusive_and_written_whole(
+    spark: object, tmp_path: Path
+) -> None:
+    from deltavec.checkpointing.lease_stores import HadoopStore
+
+    store = HadoopStore(spark, f"file://{tmp_path}/{LEASE_DIR}")  # type: ignore[arg-type]
+    assert store.create_exclusive("00000000000000000001.json", '{"beat": 0}')
+    assert not store.create_exclusive("00000000000000000001.json", '{"beat": 9}')
+    store.overwrite("00000000000000000001.json", '{"beat": 1}')
+    assert store.read("00000000000000000001.json") == '{"beat": 1}'
+    assert store.names() == ["00000000000000000001.json"]  # no temporary file left
