@@ -137,3 +137,43 @@ def test_a_model_out_of_memory_keeps_the_old_vector_and_quarantines_nothing(
     [updated] = read_target(spark, tmp_path / "target")
     assert updated["text_hash"] == _sha("Too big for the GPU [SEP] a")
     assert _quarantine(spark, tmp_path) == []
+
+
+def test_a_key_written_twice_is_repaired_and_retry_waits_for_the_lease(
+    spark: Any, tmp_path: Path
+) -> None:
+    from deltavec.commands import quarantine
+    from deltavec.errors import CheckpointError
+
+    source, target = tmp_path / "source", tmp_path / "target"
+    config = load_config(write_config(tmp_path, source={"mode": "changes"}))
+    write_rows(
+        spark,
+        source,
+        [
+            {"id": 1, "title": "Twice", "abstract": "a"},
+            {"id": 2, "title": None, "abstract": None},
+        ],
+    )
+    Job(config, spark).run(once=True)
+
+    # A retry beside a running job would race it to append the same new key:
+    # it needs the job's lease, and is refused while the job holds it.
+    running = Job(config, spark)
+    running.take_lease()
+    try:
+        with pytest.raises(CheckpointError, match="is in use by another deltavec job"):
+            quarantine.retry(Job(config, spark))
+    finally:
+        running.close()
+
+    # What such a race (or any other writer) leaves: key 1 twice in the target.
+    spark.read.format("delta").load(str(target)).where("id = 1").write.format("delta").mode(
+        "append"
+    ).save(str(target))
+    assert len([r for r in read_target(spark, target) if r["id"] == 1]) == 2
+    spark.sql(f"UPDATE delta.`{source}` SET title = 'Once again' WHERE id = 1")
+    Job(config, spark).run(once=True)  # repaired, not failed on every restart
+    rows = [r for r in read_target(spark, target) if r["id"] == 1]
+    assert [r["text_hash"] for r in rows] == [_sha("Once again [SEP] a")]
+    assert [r["key"] for r in _quarantine(spark, tmp_path)] == ['{"id":2}']

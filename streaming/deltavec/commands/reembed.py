@@ -56,7 +56,14 @@ from deltavec.embed.balance import spread_by_length
 from deltavec.errors import CheckpointError, TargetError
 from deltavec.runtime import faults, tables
 from deltavec.sink.merge import Layout
-from deltavec.sink.target import DIM_PROPERTY, MODEL_PROPERTY, target_deletion_vectors
+from deltavec.sink.quarantine import VALUE_CHARS
+from deltavec.sink.target import (
+    DIM_PROPERTY,
+    MODEL_PROPERTY,
+    MODEL_REVISION_PROPERTY,
+    consumer_properties,
+    target_deletion_vectors,
+)
 from deltavec.sink.transactions import session_settings
 from deltavec.source import changes
 
@@ -172,6 +179,7 @@ class Reembed:
             self._embed_missing(job, rows, staging, report)
             faults.maybe_fail("before_swap")
             self._swap(job, rows, staging, report)
+            self._requarantine(rows, staging)
         finally:
             rows.unpersist()
         report.switched = True
@@ -228,6 +236,8 @@ class Reembed:
                 *keys.fields,
                 StructField(BATCH_TEXT_HASH, StringType()),
                 StructField(EMBEDDING, ArrayType(FloatType(), containsNull=False)),
+                StructField(ERROR_CODE, StringType()),
+                StructField(ERROR_MESSAGE, StringType()),
             ]
         )
         (
@@ -265,12 +275,15 @@ class Reembed:
                 ).select(*keys, TEXT, BATCH_TEXT_HASH, KEY_JSON)
                 schema = _embedded_schema(inputs.schema)
                 out = inputs.mapInArrow(_with_names(embed, schema), schema).persist()
-                ok = out.where(F.col(ERROR_CODE).isNull())
-                good = ok.count()
+                good = out.where(F.col(ERROR_CODE).isNull()).count()
                 bad = out.count() - good
-                ok.select(*keys, BATCH_TEXT_HASH, EMBEDDING).write.format("delta").mode(
-                    "append"
-                ).save(staging.path)
+                # Failed rows are staged too (no vector, their error): the swap
+                # quarantines them, and a resumed run does not embed them again.
+                out.select(
+                    *keys, BATCH_TEXT_HASH, EMBEDDING, ERROR_CODE, ERROR_MESSAGE
+                ).write.format("delta").mode("append").option("mergeSchema", "true").save(
+                    staging.path
+                )
                 out.unpersist()
                 report.embedded += good
                 report.failed += bad
@@ -281,8 +294,7 @@ class Reembed:
             todo.unpersist()
         if report.failed:
             log.warning(
-                "%d rows failed to embed with %s and are left out of the target "
-                "(the job quarantines them when their text next changes)",
+                "%d rows failed to embed with %s; the swap moves them to the quarantine",
                 report.failed,
                 job.model_identity,
             )
@@ -294,7 +306,11 @@ class Reembed:
         cfg = self.config
         spark = self.spark
         keys = list(cfg.source.key)
-        staged = tables.read(spark, staging).select(*keys, BATCH_TEXT_HASH, EMBEDDING)
+        staged = (
+            tables.read(spark, staging)
+            .where(F.col(EMBEDDING).isNotNull())
+            .select(*keys, BATCH_TEXT_HASH, EMBEDDING)
+        )
         final = rows.join(staged, on=[*keys, BATCH_TEXT_HASH], how="inner").select(
             *[F.col(k) for k in keys],
             F.col(EMBEDDING),
@@ -304,11 +320,23 @@ class Reembed:
             F.col(BATCH_SOURCE_VERSION).cast("long").alias(SOURCE_VERSION),
             F.current_timestamp().alias(EMBEDDED_AT),
         )
+        # What a search consumer loads the query model from must name the new
+        # model too, or its weight check fails against the new digest.
         properties = {
-            **tables.properties(spark, cfg.target),
-            MODEL_PROPERTY: job.model_identity,
-            DIM_PROPERTY: str(job.dim),
+            k: v
+            for k, v in tables.properties(spark, cfg.target).items()
+            if k != MODEL_REVISION_PROPERTY
         }
+        properties.update(
+            consumer_properties(
+                model_name=cfg.model.name,
+                model_revision=cfg.model.revision,
+                source=cfg.source,
+                template=cfg.source.template,
+            )
+        )
+        properties[MODEL_PROPERTY] = job.model_identity
+        properties[DIM_PROPERTY] = str(job.dim)
         view = "deltavec_reembed_rows"
         final.createOrReplaceTempView(view)
         name = cfg.target.table or f"delta.`{cfg.target.path}`"
@@ -329,6 +357,60 @@ class Reembed:
                 f"AS SELECT * FROM {view} ORDER BY {order}"
             )
         spark.catalog.dropTempView(view)
+
+    def _requarantine(self, rows: DataFrame, staging: TableRef) -> None:
+        """Quarantine the rows the new model failed on; release those it embedded.
+
+        Runs after the swap, so between the two commits a failed key is in neither
+        table and a recovered one in both (as between a batch's commits). A re-run
+        after a crash in between finds the target swapped and skips this; the
+        next batch that touches those keys settles them.
+        """
+        from pyspark.sql import functions as F
+
+        cfg = self.config
+        spark = self.spark
+        keys = list(cfg.source.key)
+        quarantine = cfg.target.quarantine
+        if not tables.exists(spark, quarantine):
+            return
+        staged = tables.read(spark, staging).select(
+            *keys,
+            BATCH_TEXT_HASH,
+            F.col(EMBEDDING).isNotNull().alias("_ok"),
+            ERROR_CODE,
+            ERROR_MESSAGE,
+        )
+        outcome = rows.join(staged, on=[*keys, BATCH_TEXT_HASH], how="inner")
+        failed = outcome.where(~F.col("_ok")).select(
+            F.col(KEY_JSON).alias("key"),
+            F.col(BATCH_SOURCE_VERSION).cast("long").alias("source_version"),
+            F.col(ERROR_CODE).alias("reason"),
+            F.col(ERROR_MESSAGE).alias("message"),
+            F.substring(F.col(TEXT), 1, VALUE_CHARS).alias("value"),
+            F.length(F.col(TEXT)).cast("long").alias("value_length"),
+            F.lit(None).cast("long").alias("batch_id"),
+            F.current_timestamp().alias("quarantined_at"),
+            F.lit(False).alias("_clear"),
+        )
+        held = tables.read(spark, quarantine).select("key")
+        recovered = (
+            outcome.where(F.col("_ok"))
+            .select(F.col(KEY_JSON).alias("key"))
+            .join(held, on="key", how="left_semi")
+            .withColumn("_clear", F.lit(True))
+        )
+        source = failed.unionByName(recovered, allowMissingColumns=True)
+        columns = [c for c in failed.columns if c != "_clear"]
+        (
+            tables.delta_table(spark, quarantine)
+            .alias("q")
+            .merge(source.alias("s"), f"q.key = s.key AND q.reason <> '{changes.NULL_KEY}'")
+            .whenMatchedDelete(condition="s._clear")
+            .whenMatchedUpdate(condition="NOT s._clear", set={c: f"s.`{c}`" for c in columns})
+            .whenNotMatchedInsert(condition="NOT s._clear", values={c: f"s.`{c}`" for c in columns})
+            .execute()
+        )
 
     def _finish(self, checkpoint: Checkpoint, job: Job) -> None:
         notes = checkpoint.notes()

@@ -48,6 +48,7 @@ from deltavec.sink.merge import (
     EXISTS,
     TARGET_HASH,
     TARGET_MODEL,
+    TARGET_ROWS,
     Layout,
     TargetWriter,
 )
@@ -374,13 +375,18 @@ class MergeSink:
         from pyspark.sql import functions as F
 
         joined = good.join(existing, on=self.keys, how="left")
-        unchanged = (F.col(TARGET_HASH) == F.col(BATCH_TEXT_HASH)) & (
-            F.col(TARGET_MODEL) == F.lit(self.model_identity)
+        single = F.col(TARGET_ROWS) == 1
+        unchanged = (
+            (F.col(TARGET_HASH) == F.col(BATCH_TEXT_HASH))
+            & (F.col(TARGET_MODEL) == F.lit(self.model_identity))
+            & single
         )
+        # A key the target holds twice is embedded again and written as new: its
+        # rows are deleted by the MERGE and the append writes the one vector.
         return (
             joined.where(~F.coalesce(unchanged, F.lit(False)))
-            .withColumn(EXISTS, F.col(TARGET_HASH).isNotNull())
-            .drop(TARGET_HASH, TARGET_MODEL)
+            .withColumn(EXISTS, F.coalesce(single, F.lit(False)))
+            .drop(TARGET_HASH, TARGET_MODEL, TARGET_ROWS)
         )
 
     def _spread(self, frame: DataFrame) -> DataFrame:
@@ -419,10 +425,17 @@ class MergeSink:
         failed = embedded.where(F.col(ERROR_CODE).isNotNull()).select(
             *self.keys, F.col(BATCH_SOURCE_VERSION)
         )
-        # Only keys the target holds can be deleted.
+        # A key the target holds more than once (a writer outside this job's
+        # lease) loses all its rows here; the append writes it again, once.
+        repairs = existing.where(F.col(TARGET_ROWS) > 1).select(
+            *self.keys, F.lit(None).cast("long").alias(BATCH_SOURCE_VERSION)
+        )
+        # Only keys the target holds can be deleted; one source row per key.
         deletes = (
             removals.unionByName(failed)
+            .unionByName(repairs)
             .join(existing.select(*self.keys), on=self.keys, how="left_semi")
+            .dropDuplicates(self.keys)
             .withColumn(ACTION, F.lit(DELETE))
             .withColumn(EXISTS, F.lit(True))
         )
