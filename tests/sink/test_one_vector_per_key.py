@@ -2,7 +2,9 @@
 
 Each test drives the real job (real Spark, real Delta tables, the default model)
 through a scenario the kill test does not: a key-changing UPDATE, a null key that
-is updated and deleted, one key appended by two commits of one micro-batch.
+is updated and deleted, one key appended by two commits of one micro-batch, a
+model that runs out of memory, a key the target holds twice, and a quarantine
+retry beside a running job.
 """
 
 from __future__ import annotations

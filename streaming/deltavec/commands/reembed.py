@@ -19,6 +19,10 @@ commit:
    reader of any table version sees one model only; the table stays where it was
    and readable by the ``deltalake`` package (consumers simply read the newest
    version, and may compare ``deltavec.model`` to notice the switch).
+   The commit also names the new model in the consumer properties
+   (``deltavec.model_name``/``model_revision``), so ``open_search`` loads it.
+   Right after it, the rows the new model failed on (staged with their error)
+   go to the quarantine, and quarantined rows it embedded leave it.
 5. The checkpoint's notes take the new model and the staging table is removed.
    The job then runs with ``model.name`` set to the new model.
 """
