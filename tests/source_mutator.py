@@ -2,8 +2,10 @@
 
 Run as ``python -m tests.source_mutator SOURCE STOP_FILE LEDGER [SEED]``: until
 STOP_FILE exists it commits, every second or two, one of: new rows, new
-text for some rows, an edit of a column the template does not read, deletes, or a
-MERGE that updates some keys and inserts others. It writes through ``deltalake``
+text for some rows, an edit of a column the template does not read, deletes, a
+MERGE that updates some keys and inserts others, an UPDATE that changes a row's
+key, or two commits in a row that both rewrite one key (so one micro-batch can
+read the key from two commits). It writes through ``deltalake``
 (no JVM), so the job under test is the only Spark on the machine. At the end it
 writes LEDGER: the text every live key should have, kept independently of Delta.
 """
@@ -92,9 +94,10 @@ def mutate(source: str, stop_file: Path, ledger_path: Path, seed: int) -> None:
     counts: dict[str, int] = {}
     while not stop_file.exists():
         table = DeltaTable(source)
-        op = rng.choices(["insert", "retext", "other_column", "delete", "merge"], [3, 3, 1, 2, 2])[
-            0
-        ]
+        op = rng.choices(
+            ["insert", "retext", "other_column", "delete", "merge", "rekey", "retext_twice"],
+            [3, 3, 1, 2, 2, 1, 1],
+        )[0]
         keys = rng.sample(sorted(live), min(len(live), rng.randint(1, 3)))
         if op == "insert":
             ids = list(range(next_id, next_id + rng.randint(1, 5)))
@@ -116,6 +119,19 @@ def mutate(source: str, stop_file: Path, ledger_path: Path, seed: int) -> None:
                 predicate=f"id IN ({', '.join(map(str, keys))})",
                 updates={"year": str(rng.randint(1990, 2030))},
             )
+        elif op == "rekey":
+            # The row keeps its text under a new key: the old key's vector must go.
+            old, new = keys[0], next_id
+            next_id += 1
+            table.update(predicate=f"id = {old}", updates={"id": str(new)})
+            live[new], abstracts[new] = live.pop(old), abstracts.pop(old)
+        elif op == "retext_twice":
+            for _ in range(2):
+                title = _text(rng)
+                DeltaTable(source).update(
+                    predicate=f"id = {keys[0]}", updates={"title": _quote(title)}
+                )
+            live[keys[0]] = f"{title} [SEP] {abstracts[keys[0]]}"
         elif op == "delete":
             table.delete(f"id IN ({', '.join(map(str, keys))})")
             for k in keys:

@@ -101,3 +101,39 @@ def test_reembed_resumes_after_a_crash_and_switches_every_row_in_one_commit(
     assert {r["model"] for r in read_target(spark, target)} == {report.model_to}
     with pytest.raises(DeltavecError, match="reembed"):
         Job(config, spark).run(once=True)
+
+
+def test_reembed_quarantines_what_the_new_model_fails_on_and_releases_what_it_embeds(
+    spark: Any, tmp_path: Path, model_path: str
+) -> None:
+    from deltavec.runtime.faults import POISON_ENV
+    from deltavec.search import open_search
+
+    source, target = tmp_path / "source", tmp_path / "target"
+    rows = [{"id": i, "title": f"paper {i} on vectors", "abstract": "text"} for i in range(6)]
+    rows[2]["title"] = "the old model fails on OLD-POISON"
+    rows[4]["title"] = "the new model fails on NEW-POISON"
+    write_rows(spark, source, rows)
+    config = load_config(write_config(tmp_path, source={"mode": "changes"}))
+    environment = spark.sparkContext.environment
+    try:
+        environment[POISON_ENV] = "OLD-POISON"
+        Job(config, spark).run(once=True)
+        quarantine = tmp_path / "target_quarantine"
+        assert [r["key"] for r in read_target(spark, quarantine)] == ['{"id":2}']
+        other = str(truncated_model(model_path, tmp_path / "other-model"))
+        environment[POISON_ENV] = "NEW-POISON"
+        report = Reembed(config, model=other, spark=spark).run()
+    finally:
+        environment.pop(POISON_ENV, None)
+
+    assert report.switched and report.failed == 1
+    after = {r["id"]: r for r in read_target(spark, target)}
+    assert sorted(after) == [0, 1, 2, 3, 5]  # key 2 embeds now; key 4 is not lost:
+    [failed] = read_target(spark, quarantine)
+    assert (failed["key"], failed["reason"]) == ('{"id":4}', "encode_error")
+    assert "NEW-POISON" in failed["value"]
+    # The consumer properties name the new model, so a search opens and answers.
+    search = open_search(str(target))
+    assert search.index.model_identity == report.model_to
+    assert len(search.search("paper on vectors", k=3)) == 3

@@ -163,3 +163,80 @@ def test_gpu_half_precision_stays_close_to_sentence_transformers(
     reference = st_model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
     assert gpu.dtype in (torch.float16, torch.bfloat16)  # auto is half precision on a GPU
     assert ((vectors * reference).sum(axis=1)).min() >= 0.999
+
+
+def test_out_of_memory_splits_after_the_failed_pass_is_released(
+    model_path: str, encoder: Encoder, sts_pairs: list[tuple[float, str, str]]
+) -> None:
+    import gc
+    import weakref
+
+    import torch
+
+    texts = [s1 for _, s1, _ in sts_pairs[:64]]
+    splitting = Encoder(EncoderSpec(model=model_path, device="cpu", batch_tokens=1 << 16))
+    real_forward = splitting._forward
+    failed_passes: list[weakref.ref[torch.Tensor]] = []
+    alive_at_retry: list[int] = []
+
+    def forward(ids: list[list[int]]) -> np.ndarray:
+        gc.collect()
+        alive_at_retry.append(sum(ref() is not None for ref in failed_passes))
+        if len(ids) > 8:
+            # Stands in for the activations a real pass holds when it runs out of memory.
+            activations = torch.ones(len(ids), 1024)
+            failed_passes.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_forward(ids)
+
+    splitting._forward = forward  # type: ignore[method-assign]
+    vectors, stats = splitting.encode(texts)
+    reference, _ = encoder.encode(texts)
+    assert np.allclose(vectors, reference, atol=1e-5)  # every row, none dropped
+    assert stats.oom_splits == 7  # 64 -> 32 -> 16 -> 8 rows per pass
+    # Each retry ran after the failed pass's tensors were freed, not inside its handler.
+    assert alive_at_retry == [0] * len(alive_at_retry)
+
+
+def test_a_transient_failure_fails_the_call_instead_of_the_row(
+    encoder: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from deltavec.embed.encoder import TransientEncodeError
+
+    texts = [f"sentence number {i}" for i in range(8)]
+    real_encode = encoder.encode
+
+    def out_of_memory(batch: list[str]) -> Any:
+        if "sentence number 5" in batch:  # even alone: one row that does not fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_encode(batch)
+
+    monkeypatch.setattr(encoder, "encode", out_of_memory)
+    with pytest.raises(TransientEncodeError, match="CUDA out of memory"):
+        encode_isolating_failures(encoder, texts)
+
+    def device_error(batch: list[str]) -> Any:
+        if "sentence number 2" in batch:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_encode(batch)
+
+    monkeypatch.setattr(encoder, "encode", device_error)
+    with pytest.raises(TransientEncodeError, match="illegal memory access"):
+        encode_isolating_failures(encoder, texts)
+
+    # A failure that does not repeat is no verdict on the row: it gets its vector.
+    calls = {"n": 0}
+
+    def fails_once(batch: list[str]) -> Any:
+        if "sentence number 6" in batch and calls["n"] < 2:
+            calls["n"] += 1
+            raise RuntimeError("worker hiccup")
+        return real_encode(batch)
+
+    monkeypatch.setattr(encoder, "encode", fails_once)
+    vectors, failures, _ = encode_isolating_failures(encoder, texts)
+    assert failures == []
+    expected, _ = real_encode(texts)
+    assert np.allclose(vectors, expected, atol=1e-5)

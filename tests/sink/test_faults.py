@@ -49,7 +49,8 @@ SPARK_CONF = """
 
 
 def _start(config: Path, log: Path, faults: str | None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # The conftest's PYTHONPATH: this checkout's package first, not an installed copy.
+    env = dict(os.environ)
     env.pop("DELTAVEC_TEST_FAULTS", None)
     if faults:
         env["DELTAVEC_TEST_FAULTS"] = faults
@@ -97,7 +98,7 @@ def test_target_converges_to_the_source_through_repeated_sigkills(
     mutator = subprocess.Popen(
         [sys.executable, "-m", "tests.source_mutator", str(source), str(stop), str(ledger), "7"],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=dict(os.environ),
     )
     log = tmp_path / "job.log"
     log.touch()
@@ -146,7 +147,6 @@ def test_target_converges_to_the_source_through_repeated_sigkills(
         cwd=REPO,
         env={
             **os.environ,
-            "PYTHONPATH": str(REPO),
             "DELTAVEC_SOURCE__MAX_FILES_PER_TRIGGER": "1000",
         },
         timeout=900,

@@ -145,3 +145,48 @@ def test_a_merge_of_a_thousand_scattered_changes_is_exact(
     # Search consumers read the layout without Spark (delta-rs), row for row.
     keys, _ = VectorIndex(writer.target.path or "").rows()
     assert sorted(keys.column("id").to_pylist()) == sorted(hashes)
+
+
+def test_a_large_batch_gets_its_key_ranges_from_spark_not_the_driver(
+    spark: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyspark.sql import functions as F
+
+    # Count what comes back to the driver: the first batch of a big table can hold
+    # tens of millions of keys, which must never be collected.
+    collected: list[int] = []
+    frames = type(spark.range(1))  # the session's DataFrame class (classic or Connect)
+    real_collect = frames.collect
+
+    def counting_collect(self: Any) -> list[Any]:
+        rows = real_collect(self)
+        collected.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(frames, "collect", counting_collect)
+    writer = TargetWriter(
+        target=TableRef(path="unused"), keys=["id"], model_identity=MODEL_ID, dim=DIM
+    )
+    keys = 200_000
+    scattered = spark.range(keys).select((F.col("id") * 7).alias("id"))
+    key_filter = writer.key_filter(scattered)
+    assert key_filter is not None and key_filter.values is None
+    assert 1 <= len(key_filter.ranges) <= writer.layout.max_key_ranges
+    assert max(collected) <= 4 * writer.layout.max_key_ranges + writer.layout.max_listed_keys + 1
+    # Every key is inside a range, and the ranges stay within the keys' span.
+    covered = F.lit(False)
+    for lo, hi in key_filter.ranges:
+        covered = covered | F.col("id").between(lo, hi)
+    assert real_collect(scattered.where(~covered).agg(F.count("*")))[0][0] == 0
+    assert key_filter.ranges[0][0] == 0 and key_filter.ranges[-1][1] == 7 * (keys - 1)
+
+    # Consecutive keys collapse into one range; string keys are cut into ranges too.
+    contiguous = writer.key_filter(spark.range(keys))
+    assert contiguous is not None and contiguous.ranges == [(0, keys - 1)]
+    words = spark.range(keys).select(F.format_string("key-%07d", "id").alias("id"))
+    text_filter = writer.key_filter(words)
+    assert text_filter is not None
+    assert len(text_filter.ranges) <= writer.layout.max_key_ranges
+    assert text_filter.ranges[0][0] == "key-0000000"
+    assert text_filter.ranges[-1][1] == f"key-{keys - 1:07d}"
+    assert max(collected) <= 4 * writer.layout.max_key_ranges + writer.layout.max_listed_keys + 1

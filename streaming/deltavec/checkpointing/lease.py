@@ -12,18 +12,24 @@ twice. deltavec therefore takes a lease before it touches a table:
 * The owner rewrites its file every ``ttl / 3`` seconds (a heartbeat with a counter
   and a wall-clock time). A second job that finds a lease being renewed is refused
   with one line naming the owner.
-* A lease is stale, and is taken over at once, when its owner cleared it on exit,
-  when the owner ran on this host and its process is gone (a SIGKILLed job restarts
-  without waiting), or when it was last renewed more than ``ttl`` seconds ago. A
-  lease held on another host whose heartbeat stops is taken over after ``ttl``.
+* A lease is taken over at once when its owner cleared it on exit, or when the
+  owner ran on this host and its process is gone (a SIGKILLed job restarts without
+  waiting). Otherwise only once its file has not changed for ``ttl`` seconds as the
+  taking process watches it, by its own monotonic clock: no wall clocks of two
+  hosts are compared, so a clock skew cannot hand over a live lease. A file that
+  cannot be parsed (being written by a store without atomic writes) is watched the
+  same way, never taken for free.
+* Lease files are written whole: elsewhere first, then renamed (or, locally,
+  hard-linked) into place, never replacing an existing generation.
 * An owner that finds a higher generation than its own has lost the lease (it was
   paused for longer than ``ttl``); it stops before its next micro-batch.
 
-Guarantees: the exclusive create is atomic on local file systems (``O_EXCL``), HDFS,
-ABFS and GCS, so there the lease is exclusive. S3 has no atomic create through
-Hadoop's S3A: two jobs started within the same instant could both win, though a job
-started while another one renews its lease is always refused. Staleness across
-hosts compares wall clocks, so hosts should keep NTP time.
+Guarantees: the no-replace rename (a hard link locally) is atomic on local file
+systems, HDFS and ABFS with a hierarchical namespace, so there the lease is
+exclusive. S3A's and GCS's renames are a copy and a delete: two jobs started
+within the same instant could both win there, though a job started while another
+one renews its lease is always refused. The sink checks the lease before each
+write and stops a batch whose job lost it.
 """
 
 from __future__ import annotations
@@ -147,37 +153,55 @@ class CheckpointLease:
             wait_s: how long to watch a lease held on another host for a heartbeat
                 before deciding it is stale; ``ttl`` by default.
         """
-        deadline = time.monotonic() + (self.ttl_s if wait_s is None else wait_s)
-        first_seen: dict[int, Holder] = {}
+        wait = self.ttl_s if wait_s is None else wait_s
+        started: float | None = None  # when this process first saw a lease file
+        # What this process saw in each generation's file, and since when, by its
+        # own clock: another host's wall clock says nothing about whether it is
+        # alive (a skew of a minute would make a live lease look stale).
+        observed: dict[int, tuple[str | None, float]] = {}
         while True:
             current = self._highest()
             if current is None:
                 if self._create(1):
                     return
                 continue
-            generation, holder = current
+            generation, text = current
+            holder = Holder.parse(text)
             if holder is not None and holder.owner == self.owner:
                 self.generation = generation
                 return
-            if holder is None or self._is_stale(holder):
+            now = time.monotonic()
+            started = now if started is None else started
+            seen = observed.get(generation)
+            changed = seen is not None and seen[0] != text
+            if seen is None or changed:
+                observed[generation] = (text, now)
+            quiet_s = now - observed[generation][1]
+            if self._is_free(holder) or quiet_s >= self.ttl_s:
                 if holder is not None and not holder.released:
                     log.warning(
-                        "checkpoint %s: taking over the stale lease of %s (last renewed %.0fs ago)",
+                        "checkpoint %s: taking over the stale lease of %s (no heartbeat for %.0fs)",
                         self.location,
                         holder.describe(),
-                        time.time() - holder.renewed_at,
+                        quiet_s,
                     )
                 if self._create(generation + 1):
                     return
                 continue
-            seen = first_seen.setdefault(generation, holder)
-            renewing = holder.beat != seen.beat
-            local_and_alive = holder.host == self.host
-            if renewing or local_and_alive or time.monotonic() >= deadline:
+            # An unreadable file (a lease being written) is watched like any other:
+            # it is neither free nor, until it parses, a holder to name.
+            if holder is not None and (
+                changed or holder.host == self.host or now - started >= wait
+            ):
                 raise CheckpointError(
                     f"checkpoint {self.location} is in use by another deltavec job "
-                    f"({holder.describe()}, lease renewed {time.time() - holder.renewed_at:.0f}s "
-                    "ago); stop that job first, or give this one its own checkpoint.location"
+                    f"({holder.describe()}); "
+                    "stop that job first, or give this one its own checkpoint.location"
+                )
+            if holder is None and now - started >= max(wait, self.ttl_s) + self.ttl_s:
+                raise CheckpointError(
+                    f"checkpoint {self.location} has a lease file that cannot be read "
+                    f"({_name(generation)}); stop the job holding it, or remove the file"
                 )
             time.sleep(min(1.0, self.ttl_s / 6))
 
@@ -231,7 +255,7 @@ class CheckpointLease:
         log.info("checkpoint %s: lease %d taken by %s", self.location, generation, self.owner)
         return True
 
-    def _highest(self) -> tuple[int, Holder | None] | None:
+    def _highest(self) -> tuple[int, str | None] | None:
         generations = sorted(
             int(name.removesuffix(".json"))
             for name in self.store.names()
@@ -240,14 +264,15 @@ class CheckpointLease:
         if not generations:
             return None
         top = generations[-1]
-        return top, Holder.parse(self.store.read(_name(top)))
+        return top, self.store.read(_name(top))
 
-    def _is_stale(self, holder: Holder) -> bool:
+    def _is_free(self, holder: Holder | None) -> bool:
+        """Free without waiting: given back, or held by a process of this host that is gone."""
+        if holder is None:
+            return False
         if holder.released:
             return True
-        if holder.host == self.host and not _process_alive(holder.pid, holder.started):
-            return True
-        return time.time() - holder.renewed_at > self.ttl_s
+        return holder.host == self.host and not _process_alive(holder.pid, holder.started)
 
     def _prune(self, *, below: int) -> None:
         # Old generations only tell history; keep the folder small.
@@ -263,7 +288,7 @@ class CheckpointLease:
             try:
                 current = self._highest()
                 if current is None or current[0] != self.generation:
-                    self._lose(current[1] if current else None)
+                    self._lose(Holder.parse(current[1]) if current else None)
                     return
                 self._beat += 1
                 assert self.generation is not None

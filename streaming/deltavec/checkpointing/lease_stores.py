@@ -48,13 +48,17 @@ class LocalStore:
             return None
 
     def create_exclusive(self, name: str, text: str) -> bool:
+        # Written whole elsewhere, then linked into place: link() fails if the name
+        # exists, and a reader never sees the file empty or half-written.
         self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{name}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(text, encoding="utf-8")
         try:
-            fd = os.open(self.folder / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, self.folder / name)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        finally:
+            tmp.unlink()
         return True
 
     def overwrite(self, name: str, text: str) -> None:
@@ -78,6 +82,7 @@ class HadoopStore:
         self._fs, self._dir = hadoop_fs(spark, self.folder)
         jvm: Any = spark.sparkContext._jvm
         self._jvm = jvm
+        self._gateway: Any = spark.sparkContext._gateway
 
     def _path(self, name: str) -> Any:
         return self._jvm.org.apache.hadoop.fs.Path(f"{self.folder}/{name}")
@@ -99,25 +104,42 @@ class HadoopStore:
         finally:
             stream.close()
 
-    def create_exclusive(self, name: str, text: str) -> bool:
-        try:
-            stream = self._fs.create(self._path(name), False)
-        except Exception as exc:
-            if "AlreadyExists" in str(exc) or "already exists" in str(exc):
-                return False
-            raise
+    def _write_temporary(self, name: str, text: str) -> Any:
+        tmp = self._path(f".{name}.{uuid.uuid4().hex}.tmp")
+        stream = self._fs.create(tmp, False)
         try:
             stream.write(bytearray(text.encode("utf-8")))
         finally:
             stream.close()
-        return True
+        return tmp
+
+    def create_exclusive(self, name: str, text: str) -> bool:
+        # Written whole elsewhere, then renamed into place: FileSystem.rename never
+        # replaces an existing file (it returns false), so exactly one of two racing
+        # jobs wins, and a reader never sees a half-written lease. Atomic where the
+        # store's rename is (HDFS, ABFS with hierarchical namespace, local); S3A's
+        # rename is a copy, checked and done in two steps.
+        tmp = self._write_temporary(name, text)
+        try:
+            return bool(self._fs.rename(tmp, self._path(name)))
+        finally:
+            if self._fs.exists(tmp):
+                self._fs.delete(tmp, False)
 
     def overwrite(self, name: str, text: str) -> None:
-        stream = self._fs.create(self._path(name), True)
+        # Written whole elsewhere, then renamed over the old file (FileContext's
+        # rename with OVERWRITE), so a heartbeat never shows a zero-length lease.
+        tmp = self._write_temporary(name, text)
+        hadoop = self._jvm.org.apache.hadoop
+        context = hadoop.fs.FileContext.getFileContext(self._dir.toUri(), self._fs.getConf())
+        gateway: Any = self._gateway
+        rename_options = gateway.new_array(hadoop.fs.Options.Rename, 1)
+        rename_options[0] = hadoop.fs.Options.Rename.OVERWRITE
         try:
-            stream.write(bytearray(text.encode("utf-8")))
+            context.rename(tmp, self._path(name), rename_options)
         finally:
-            stream.close()
+            if self._fs.exists(tmp):
+                self._fs.delete(tmp, False)
 
     def delete(self, name: str) -> None:
         self._fs.delete(self._path(name), False)

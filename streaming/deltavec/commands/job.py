@@ -321,6 +321,7 @@ class Job:
             app_id=app_id,
             source_columns=lambda: tables.read(self.spark, cfg.source).columns,
             source=cfg.source,
+            still_leased=lambda: self.lease is None or not self.lease.lost,
             layout=Layout(
                 max_rows_per_file=cfg.target.max_rows_per_file,
                 deletion_vectors=target.target_deletion_vectors(

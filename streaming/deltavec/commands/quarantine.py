@@ -55,7 +55,6 @@ def counts_by_reason(job: Job) -> dict[str, int]:
 
 def retry(job: Job, *, reason: str | None = None) -> RetryReport:
     """Send the current source rows of quarantined keys through the sink again."""
-    from pyspark.sql import functions as F
 
     cfg = job.config
     spark = job.spark
@@ -64,6 +63,20 @@ def retry(job: Job, *, reason: str | None = None) -> RetryReport:
         f"`{f.name}` {f.dataType.simpleString()}" for f in stream.key_fields(schema, cfg.source.key)
     )
     job.load_model()
+    # The stream's own lease: a retry beside a running job could append a key the
+    # stream appends too (both see it missing from the target), leaving it twice.
+    job.take_lease()
+    try:
+        return _retry(job, reason=reason, key_type=key_type)
+    finally:
+        job.close()
+
+
+def _retry(job: Job, *, reason: str | None, key_type: str) -> RetryReport:
+    from pyspark.sql import functions as F
+
+    cfg = job.config
+    spark = job.spark
     quarantined = _quarantine(job, reason)
     keyless = quarantined.where(F.col("reason") == NULL_KEY).count()
     keyed = (

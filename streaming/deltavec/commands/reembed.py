@@ -19,6 +19,10 @@ commit:
    reader of any table version sees one model only; the table stays where it was
    and readable by the ``deltalake`` package (consumers simply read the newest
    version, and may compare ``deltavec.model`` to notice the switch).
+   The commit also names the new model in the consumer properties
+   (``deltavec.model_name``/``model_revision``), so ``open_search`` loads it.
+   Right after it, the rows the new model failed on (staged with their error)
+   go to the quarantine, and quarantined rows it embedded leave it.
 5. The checkpoint's notes take the new model and the staging table is removed.
    The job then runs with ``model.name`` set to the new model.
 """
@@ -56,9 +60,11 @@ from deltavec.embed.balance import spread_by_length
 from deltavec.errors import CheckpointError, TargetError
 from deltavec.runtime import faults, tables
 from deltavec.sink.merge import Layout
+from deltavec.sink.quarantine import VALUE_CHARS
 from deltavec.sink.target import (
     DIM_PROPERTY,
     MODEL_PROPERTY,
+    MODEL_REVISION_PROPERTY,
     SETTINGS_PROPERTY,
     target_deletion_vectors,
 )
@@ -181,6 +187,7 @@ class Reembed:
             self._embed_missing(job, rows, staging, report)
             faults.maybe_fail("before_swap")
             self._swap(job, rows, staging, report)
+            self._requarantine(rows, staging)
         finally:
             rows.unpersist()
         report.switched = True
@@ -237,6 +244,8 @@ class Reembed:
                 *keys.fields,
                 StructField(BATCH_TEXT_HASH, StringType()),
                 StructField(EMBEDDING, ArrayType(FloatType(), containsNull=False)),
+                StructField(ERROR_CODE, StringType()),
+                StructField(ERROR_MESSAGE, StringType()),
             ]
         )
         (
@@ -271,12 +280,15 @@ class Reembed:
                 ).select(*keys, TEXT, BATCH_TEXT_HASH, KEY_JSON)
                 schema = _embedded_schema(inputs.schema)
                 out = inputs.mapInArrow(_with_names(embed, schema), schema).persist()
-                ok = out.where(F.col(ERROR_CODE).isNull())
-                good = ok.count()
+                good = out.where(F.col(ERROR_CODE).isNull()).count()
                 bad = out.count() - good
-                ok.select(*keys, BATCH_TEXT_HASH, EMBEDDING).write.format("delta").mode(
-                    "append"
-                ).save(staging.path)
+                # Failed rows are staged too (no vector, their error): the swap
+                # quarantines them, and a resumed run does not embed them again.
+                out.select(
+                    *keys, BATCH_TEXT_HASH, EMBEDDING, ERROR_CODE, ERROR_MESSAGE
+                ).write.format("delta").mode("append").option("mergeSchema", "true").save(
+                    staging.path
+                )
                 out.unpersist()
                 report.embedded += good
                 report.failed += bad
@@ -287,8 +299,7 @@ class Reembed:
             todo.unpersist()
         if report.failed:
             log.warning(
-                "%d rows failed to embed with %s and are left out of the target "
-                "(the job quarantines them when their text next changes)",
+                "%d rows failed to embed with %s; the swap moves them to the quarantine",
                 report.failed,
                 job.model_identity,
             )
@@ -300,7 +311,11 @@ class Reembed:
         cfg = self.config
         spark = self.spark
         keys = list(cfg.source.key)
-        staged = tables.read(spark, staging).select(*keys, BATCH_TEXT_HASH, EMBEDDING)
+        staged = (
+            tables.read(spark, staging)
+            .where(F.col(EMBEDDING).isNotNull())
+            .select(*keys, BATCH_TEXT_HASH, EMBEDDING)
+        )
         final = rows.join(staged, on=[*keys, BATCH_TEXT_HASH], how="inner").select(
             *[F.col(k) for k in keys],
             F.col(EMBEDDING),
@@ -311,14 +326,18 @@ class Reembed:
             F.current_timestamp().alias(EMBEDDED_AT),
         )
         assert job.settings is not None
+        # What a search consumer loads the query model from must name the new
+        # model too (its weight check fails against the new digest otherwise), and
+        # its window and query prompt: a revision of the old model must not stay.
         properties = {
-            **tables.properties(spark, cfg.target),
-            MODEL_PROPERTY: job.model_identity,
-            SETTINGS_PROPERTY: job.settings.to_json(),
-            DIM_PROPERTY: str(job.dim),
-            # search loads the new model, its window and its query prompt.
-            **job.consumer_properties(),
+            k: v
+            for k, v in tables.properties(spark, cfg.target).items()
+            if k != MODEL_REVISION_PROPERTY
         }
+        properties.update(job.consumer_properties())
+        properties[MODEL_PROPERTY] = job.model_identity
+        properties[SETTINGS_PROPERTY] = job.settings.to_json()
+        properties[DIM_PROPERTY] = str(job.dim)
         view = "deltavec_reembed_rows"
         final.createOrReplaceTempView(view)
         name = cfg.target.table or f"delta.`{cfg.target.path}`"
@@ -339,6 +358,60 @@ class Reembed:
                 f"AS SELECT * FROM {view} ORDER BY {order}"
             )
         spark.catalog.dropTempView(view)
+
+    def _requarantine(self, rows: DataFrame, staging: TableRef) -> None:
+        """Quarantine the rows the new model failed on; release those it embedded.
+
+        Runs after the swap, so between the two commits a failed key is in neither
+        table and a recovered one in both (as between a batch's commits). A re-run
+        after a crash in between finds the target swapped and skips this; the
+        next batch that touches those keys settles them.
+        """
+        from pyspark.sql import functions as F
+
+        cfg = self.config
+        spark = self.spark
+        keys = list(cfg.source.key)
+        quarantine = cfg.target.quarantine
+        if not tables.exists(spark, quarantine):
+            return
+        staged = tables.read(spark, staging).select(
+            *keys,
+            BATCH_TEXT_HASH,
+            F.col(EMBEDDING).isNotNull().alias("_ok"),
+            ERROR_CODE,
+            ERROR_MESSAGE,
+        )
+        outcome = rows.join(staged, on=[*keys, BATCH_TEXT_HASH], how="inner")
+        failed = outcome.where(~F.col("_ok")).select(
+            F.col(KEY_JSON).alias("key"),
+            F.col(BATCH_SOURCE_VERSION).cast("long").alias("source_version"),
+            F.col(ERROR_CODE).alias("reason"),
+            F.col(ERROR_MESSAGE).alias("message"),
+            F.substring(F.col(TEXT), 1, VALUE_CHARS).alias("value"),
+            F.length(F.col(TEXT)).cast("long").alias("value_length"),
+            F.lit(None).cast("long").alias("batch_id"),
+            F.current_timestamp().alias("quarantined_at"),
+            F.lit(False).alias("_clear"),
+        )
+        held = tables.read(spark, quarantine).select("key")
+        recovered = (
+            outcome.where(F.col("_ok"))
+            .select(F.col(KEY_JSON).alias("key"))
+            .join(held, on="key", how="left_semi")
+            .withColumn("_clear", F.lit(True))
+        )
+        source = failed.unionByName(recovered, allowMissingColumns=True)
+        columns = [c for c in failed.columns if c != "_clear"]
+        (
+            tables.delta_table(spark, quarantine)
+            .alias("q")
+            .merge(source.alias("s"), f"q.key = s.key AND q.reason <> '{changes.NULL_KEY}'")
+            .whenMatchedDelete(condition="s._clear")
+            .whenMatchedUpdate(condition="NOT s._clear", set={c: f"s.`{c}`" for c in columns})
+            .whenNotMatchedInsert(condition="NOT s._clear", values={c: f"s.`{c}`" for c in columns})
+            .execute()
+        )
 
     def _finish(self, checkpoint: Checkpoint, job: Job) -> None:
         notes = checkpoint.notes()

@@ -339,24 +339,29 @@ class Encoder:
         except torch.OutOfMemoryError:
             if len(ids) == 1:
                 raise
-            # Half the rows need half the activations; no row is dropped.
+        # Retried here, after the handler: while it runs, the exception's traceback
+        # holds the failed pass's frames and with them its activations, so
+        # empty_cache() inside it frees little and every level of the split would
+        # keep its own failed pass alive.
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
-            stats.oom_splits += 1
-            # The halves are extra forward passes; padding is counted once, per plan.
-            stats.forward_passes += 1
-            half = len(ids) // 2
-            log.warning(
-                "out of GPU memory on %d sequences; retrying as %d + %d",
-                len(ids),
-                half,
-                len(ids) - half,
-            )
-            return np.concatenate(
-                [
-                    self._forward_splitting_on_oom(ids[:half], stats, skip),
-                    self._forward_splitting_on_oom(ids[half:], stats, skip),
-                ]
-            )
+        stats.oom_splits += 1
+        # The halves are extra forward passes; padding is counted once, per plan.
+        stats.forward_passes += 1
+        half = len(ids) // 2
+        log.warning(
+            "out of GPU memory on %d sequences; retrying as %d + %d",
+            len(ids),
+            half,
+            len(ids) - half,
+        )
+        # Half the rows need half the activations; no row is dropped.
+        return np.concatenate(
+            [
+                self._forward_splitting_on_oom(ids[:half], stats, skip),
+                self._forward_splitting_on_oom(ids[half:], stats, skip),
+            ]
+        )
 
     def _forward(self, ids: list[list[int]], skip: int = 0) -> np.ndarray:
         """The model's vectors of one padded batch; safe to call from several threads.
@@ -435,10 +440,41 @@ class RowFailure:
     message: str
 
 
+class TransientEncodeError(RuntimeError):
+    """The model failed in a way that says nothing about the rows (out of memory, a
+    device error, a failure that did not repeat): the task fails and Spark retries
+    it, and the rows keep the vectors they have until new ones land."""
+
+
+# Messages of device failures torch raises as plain RuntimeErrors.
+_DEVICE_ERROR_MARKERS = ("CUDA error", "CUDA out of memory", "CUBLAS_STATUS", "cuDNN", "NCCL")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures of the machine rather than of the input."""
+    if isinstance(exc, MemoryError | OSError):
+        return True
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of the encoder
+        return False
+    accelerator = getattr(torch, "AcceleratorError", None)
+    if isinstance(exc, torch.OutOfMemoryError) or (
+        accelerator is not None and isinstance(exc, accelerator)
+    ):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _DEVICE_ERROR_MARKERS)
+
+
 def encode_isolating_failures(
     encoder: Encoder, texts: Sequence[str], *, prompt: str = ""
 ) -> tuple[np.ndarray, list[RowFailure], EncodeStats]:
     """Embed texts; when a batch raises, bisect it so only the failing rows are lost.
+
+    Only a row that fails deterministically is bad input: a single row that fails
+    is tried once more, and is a failure only if it raises the same kind of error
+    again. A transient failure (``is_transient``), or one that does not repeat the
+    same way, is no verdict on the row.
 
     Args:
         encoder: the model.
@@ -447,6 +483,9 @@ def encode_isolating_failures(
 
     Returns:
         Vectors (rows of failed texts are NaN), the failures, and the stats.
+
+    Raises:
+        TransientEncodeError: the model failed for a reason other than its input.
     """
     stats = EncodeStats()
     dim = encoder.dim
@@ -456,30 +495,63 @@ def encode_isolating_failures(
         if vectors is not None:
             out[lo:hi] = vectors
         else:
-            failures.append(RowFailure(lo, "encode_error", _short(error)))
+            failures.append(RowFailure(lo, "encode_error", error or "unknown error"))
     return out, failures, stats
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """What is kept of a failed attempt: not the exception, whose traceback would
+    keep the failed pass's frames (and tensors) alive while the rows are retried."""
+
+    kind: type[BaseException]
+    message: str
+
+
+def _attempt(
+    encoder: Encoder, texts: Sequence[str], prompt: str
+) -> tuple[np.ndarray, EncodeStats] | _Failed:
+    try:
+        return encoder.encode(texts, prompt=prompt)
+    except (MemoryError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # any model failure: sorted into bad input and transient below
+        if is_transient(exc):
+            raise TransientEncodeError(
+                f"the model failed on {len(texts)} text(s) for a reason other than the "
+                f"input ({_short(exc)}); failing the task so Spark retries it"
+            ) from exc
+        return _Failed(type(exc), _short(exc))
 
 
 def _bisect(
     encoder: Encoder, texts: Sequence[str], lo: int, hi: int, stats: EncodeStats, prompt: str
-) -> Iterator[tuple[int, int, np.ndarray | None, BaseException | None]]:
+) -> Iterator[tuple[int, int, np.ndarray | None, str | None]]:
     if lo >= hi:
         return
-    try:
-        vectors, part = encoder.encode(texts[lo:hi], prompt=prompt)
-    except (MemoryError, KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as exc:  # noqa: BLE001 - any model failure isolates rows, never the task
-        if hi - lo == 1:
-            log.warning("row failed to embed: %s", _short(exc))
-            yield lo, hi, None, exc
-            return
+    result = _attempt(encoder, texts[lo:hi], prompt)
+    if not isinstance(result, _Failed):
+        stats.add(result[1])
+        yield lo, hi, result[0], None
+        return
+    if hi - lo > 1:
         mid = (lo + hi) // 2
         yield from _bisect(encoder, texts, lo, mid, stats, prompt)
         yield from _bisect(encoder, texts, mid, hi, stats, prompt)
         return
-    stats.add(part)
-    yield lo, hi, vectors, None
+    again = _attempt(encoder, texts[lo:hi], prompt)
+    if not isinstance(again, _Failed):
+        log.warning("row failed to embed once, then embedded: %s", result.message)
+        stats.add(again[1])
+        yield lo, hi, again[0], None
+        return
+    if again.kind is not result.kind:
+        raise TransientEncodeError(
+            f"a row failed to embed twice, in different ways ({result.message}; then "
+            f"{again.message}); failing the task so Spark retries it"
+        )
+    log.warning("row failed to embed: %s", again.message)
+    yield lo, hi, None, again.message
 
 
 def _short(exc: BaseException | None) -> str:

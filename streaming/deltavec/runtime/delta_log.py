@@ -191,3 +191,43 @@ def change_commits(spark: SparkSession, ref: TableRef, *, after: int, through: i
         if commit is not None and commit.data_removes > 0:
             found.append(version)
     return found
+
+
+def file_name(path: str) -> str:
+    """A data file's own name, decoded: the log's relative URL-encoded ``add.path`` and
+    Spark's ``input_file_name()`` URI end in the same one (Delta names files by UUID)."""
+    from urllib.parse import unquote
+
+    return unquote(path.rstrip("/").rsplit("/", 1)[-1])
+
+
+def add_versions(
+    spark: SparkSession, ref: TableRef, names: set[str], *, newest: int
+) -> tuple[dict[str, int], int]:
+    """The commit that added each data file in ``names`` (``file_name``s).
+
+    Reads commit files from ``newest`` backwards until every name is found, for at
+    most ``MAX_COMMITS_READ`` commits or back to the oldest the log still holds.
+
+    Returns:
+        The version of each name found, and the oldest version read: a name not
+        found was added before it.
+    """
+    history = DeltaLog(spark, ref)
+    found: dict[str, int] = {}
+    version = newest
+    while version >= 0 and version > newest - MAX_COMMITS_READ and len(found) < len(names):
+        path = f"{history.location}/_delta_log/{version:020d}.json"
+        text = tables.read_text(spark, path)
+        if text is None:
+            break  # log clean-up removed this commit and every older one
+        for line in text.splitlines():
+            if '"add"' not in line:
+                continue
+            add = json.loads(line).get("add")
+            if add:
+                name = file_name(add["path"])
+                if name in names:
+                    found.setdefault(name, version)
+        version -= 1
+    return found, version + 1

@@ -50,21 +50,29 @@ def maybe_fail(point: str) -> None:
 
 
 POISON_ENV = "DELTAVEC_TEST_POISON"
+# Texts holding this marker make the model run out of (GPU) memory, even alone.
+OUT_OF_MEMORY_ENV = "DELTAVEC_TEST_OUT_OF_MEMORY"
 
 
 class _PoisonedEncoder:
-    """An encoder whose ``encode`` raises for any batch holding the poison marker."""
+    """An encoder whose ``encode`` raises for any batch holding the poison marker
+    (a failure of the input), or the out-of-memory marker (a failure of the machine)."""
 
-    def __init__(self, encoder: Any, marker: str) -> None:
+    def __init__(self, encoder: Any, marker: str | None, out_of_memory: str | None) -> None:
         self._encoder = encoder
         self._marker = marker
+        self._out_of_memory = out_of_memory
 
     def __getattr__(self, name: str) -> Any:
         # Everything but encode (dim, device, dtype, ...) is the real encoder's.
         return getattr(self._encoder, name)
 
     def encode(self, texts: Sequence[str], *, prompt: str = "") -> Any:
-        if any(self._marker in text for text in texts):
+        if self._out_of_memory and any(self._out_of_memory in text for text in texts):
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        if self._marker and any(self._marker in text for text in texts):
             raise InjectedFault(f"injected model failure on a text containing {self._marker!r}")
         return self._encoder.encode(texts, prompt=prompt)
 
@@ -77,4 +85,7 @@ def poisoned(encoder: T) -> T:
     model and watch the batch isolate it.
     """
     marker = os.environ.get(POISON_ENV)
-    return cast(T, _PoisonedEncoder(encoder, marker)) if marker else encoder
+    out_of_memory = os.environ.get(OUT_OF_MEMORY_ENV)
+    if not (marker or out_of_memory):
+        return encoder
+    return cast(T, _PoisonedEncoder(encoder, marker, out_of_memory))

@@ -39,6 +39,7 @@ from deltavec.columns import (
 )
 from deltavec.config import TableRef
 from deltavec.embed.balance import spread_by_length
+from deltavec.errors import CheckpointError
 from deltavec.observe.logs import kv
 from deltavec.runtime import delta_log, faults
 from deltavec.sink.key_filter import KeyFilter
@@ -47,11 +48,13 @@ from deltavec.sink.merge import (
     EXISTS,
     TARGET_HASH,
     TARGET_MODEL,
+    TARGET_ROWS,
     Layout,
     TargetWriter,
 )
 from deltavec.sink.quarantine import QuarantineWriter
 from deltavec.source import changes
+from deltavec.source.commit_versions import with_commit_versions
 from deltavec.source.stream import check_batch_columns
 
 if TYPE_CHECKING:
@@ -124,6 +127,8 @@ class MergeSink:
         source: the source table; in append mode its log tells which update and
             delete commits the stream skipped.
         layout: how the target's files are written (see ``deltavec.sink.merge``).
+        still_leased: False once the job lost its checkpoint lease to another job;
+            checked before a batch starts and again right before it writes.
     """
 
     def __init__(
@@ -145,8 +150,10 @@ class MergeSink:
         source_columns: Callable[[], list[str]] | None = None,
         source: TableRef | None = None,
         layout: Layout | None = None,
+        still_leased: Callable[[], bool] | None = None,
     ) -> None:
         self.source = source
+        self.still_leased = still_leased
         self.writer = TargetWriter(
             target=target, keys=keys, model_identity=model_identity, dim=dim, layout=layout
         )
@@ -172,6 +179,7 @@ class MergeSink:
         self.source_columns = source_columns
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
+        self._check_lease(batch_id)
         if self.stopping.is_set():
             raise StopRequested(f"stop requested before batch {batch_id}")
         self.idle.clear()
@@ -186,6 +194,13 @@ class MergeSink:
                 # Failing here would fail a batch whose MERGE is committed, and stop the stream
                 # over a metric or a status note.
                 log.warning("batch %d: a batch listener failed", batch_id, exc_info=True)
+
+    def _check_lease(self, batch_id: int) -> None:
+        if self.still_leased is not None and not self.still_leased():
+            raise CheckpointError(
+                f"batch {batch_id} not written: this job lost the checkpoint's lease to "
+                "another job, which now owns the checkpoint and the target"
+            )
 
     @property
     def app_id(self) -> str:
@@ -217,6 +232,12 @@ class MergeSink:
                 self._note_skipped_commits(spark, batch_id, report)
 
         with clock("read"):
+            # A stream's batch is still a scan of source files, which name their commit.
+            streamed = source_version is None and report.source_version is not None
+            if self.mode == "append" and self.source is not None and streamed:
+                batch = with_commit_versions(
+                    spark, batch, self.source, newest=int(report.source_version or 0)
+                )
             acts = changes.actions(
                 batch,
                 keys=self.keys,
@@ -249,6 +270,8 @@ class MergeSink:
 
         try:
             faults.maybe_fail("before_merge")
+            # The embed stage can outlast a lease period: check again before writing.
+            self._check_lease(batch_id)
             with clock("merge"):
                 if report.embedded or report.deletes or report.quarantined:
                     self._merge_target(spark, acts, embedded, existing, batch_id, key_filter)
@@ -298,6 +321,10 @@ class MergeSink:
         for group in groups:
             rows, problem = int(group["count"]), group[PROBLEM]
             report.rows += rows
+            if problem is not None and group[OP] == DELETE:
+                # A keyless row's delete or preimage: it only takes the row's
+                # quarantine entry out; the target never held it.
+                continue
             if problem is not None:
                 report.quarantined[problem] = report.quarantined.get(problem, 0) + rows
             if group[IS_DUPLICATE]:
@@ -348,13 +375,18 @@ class MergeSink:
         from pyspark.sql import functions as F
 
         joined = good.join(existing, on=self.keys, how="left")
-        unchanged = (F.col(TARGET_HASH) == F.col(BATCH_TEXT_HASH)) & (
-            F.col(TARGET_MODEL) == F.lit(self.model_identity)
+        single = F.col(TARGET_ROWS) == 1
+        unchanged = (
+            (F.col(TARGET_HASH) == F.col(BATCH_TEXT_HASH))
+            & (F.col(TARGET_MODEL) == F.lit(self.model_identity))
+            & single
         )
+        # A key the target holds twice is embedded again and written as new: its
+        # rows are deleted by the MERGE and the append writes the one vector.
         return (
             joined.where(~F.coalesce(unchanged, F.lit(False)))
-            .withColumn(EXISTS, F.col(TARGET_HASH).isNotNull())
-            .drop(TARGET_HASH, TARGET_MODEL)
+            .withColumn(EXISTS, F.coalesce(single, F.lit(False)))
+            .drop(TARGET_HASH, TARGET_MODEL, TARGET_ROWS)
         )
 
     def _spread(self, frame: DataFrame) -> DataFrame:
@@ -393,10 +425,17 @@ class MergeSink:
         failed = embedded.where(F.col(ERROR_CODE).isNotNull()).select(
             *self.keys, F.col(BATCH_SOURCE_VERSION)
         )
-        # Only keys the target holds can be deleted.
+        # A key the target holds more than once (a writer outside this job's
+        # lease) loses all its rows here; the append writes it again, once.
+        repairs = existing.where(F.col(TARGET_ROWS) > 1).select(
+            *self.keys, F.lit(None).cast("long").alias(BATCH_SOURCE_VERSION)
+        )
+        # Only keys the target holds can be deleted; one source row per key.
         deletes = (
             removals.unionByName(failed)
+            .unionByName(repairs)
             .join(existing.select(*self.keys), on=self.keys, how="left_semi")
+            .dropDuplicates(self.keys)
             .withColumn(ACTION, F.lit(DELETE))
             .withColumn(EXISTS, F.lit(True))
         )

@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pyspark.sql import Column
+    from pyspark.sql import Column, DataFrame
 
 PARQUET_IN_THRESHOLD = "spark.sql.parquet.pushdown.inFilterThreshold"
 # Batches with at most this many distinct keys list them for row-group skipping,
@@ -30,6 +30,10 @@ PARQUET_IN_THRESHOLD = "spark.sql.parquet.pushdown.inFilterThreshold"
 # method size limit (see ``max_key_ranges``).
 LISTED_KEYS = 2_048
 IN_LIST_VALUES = 64
+# A batch with too many keys to list is cut by Spark into this many range
+# partitions per key range it may use: the finer cut lets the driver join them
+# across the largest gaps, from a bounded number of rows.
+RANGE_PARTITIONS_PER_RANGE = 4
 
 
 @dataclass(frozen=True)
@@ -65,17 +69,25 @@ def key_ranges(values: Sequence[Any], max_ranges: int) -> list[tuple[Any, Any]]:
     of the key space as possible); other types are cut into equal runs.
     """
     ordered = sorted({v for v in values if v is not None})
-    if not ordered:
+    return merge_ranges([(v, v) for v in ordered], max_ranges)
+
+
+def merge_ranges(ranges: Sequence[tuple[Any, Any]], max_ranges: int) -> list[tuple[Any, Any]]:
+    """Join sorted, disjoint closed ranges into at most ``max_ranges``.
+
+    Integer ranges that touch (one ends at n, the next starts at n + 1) become one.
+    Beyond ``max_ranges``, numeric ranges are joined across the smallest gaps first;
+    others are cut into runs of equal count.
+    """
+    if not ranges:
         return []
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in ordered):
-        runs: list[tuple[Any, Any]] = []
-        for value in ordered:
-            if runs and value == runs[-1][1] + 1:
-                runs[-1] = (runs[-1][0], value)
-            else:
-                runs.append((value, value))
-    else:
-        runs = [(v, v) for v in ordered]
+    runs: list[tuple[Any, Any]] = []
+    integers = all(_is_int(lo) and _is_int(hi) for lo, hi in ranges)
+    for lo, hi in ranges:
+        if integers and runs and lo == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], hi)
+        else:
+            runs.append((lo, hi))
     if len(runs) <= max_ranges:
         return runs
     if all(isinstance(lo, int | float | Decimal) for lo, _ in runs):
@@ -90,6 +102,43 @@ def key_ranges(values: Sequence[Any], max_ranges: int) -> list[tuple[Any, Any]]:
         merged.append((runs[start][0], runs[cut - 1][1]))
         start = cut
     return merged
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def frame_key_filter(
+    frame: DataFrame, column: str, *, max_ranges: int, max_listed: int
+) -> KeyFilter | None:
+    """The distinct values of ``frame[column]`` as a ``KeyFilter``; None when a value
+    cannot be a literal.
+
+    At most ``max_listed + 1`` values, or ``RANGE_PARTITIONS_PER_RANGE * max_ranges``
+    partition bounds, come to the driver, however many keys the batch holds: the
+    first micro-batch of a large table can hold tens of millions.
+    """
+    from pyspark.sql import functions as F
+
+    keys = frame.select(F.col(column).alias("k")).where(F.col("k").isNotNull()).distinct()
+    head = [r[0] for r in keys.limit(max_listed + 1).collect()]
+    if not all(literal_safe(v) for v in head):
+        return None
+    if len(head) <= max_listed:
+        return KeyFilter(ranges=key_ranges(head, max_ranges), values=head)
+    # Too many keys to list: Spark cuts them into key ranges (a range partitioning,
+    # sampled) and returns each partition's smallest and largest key.
+    parts = max(1, RANGE_PARTITIONS_PER_RANGE * max_ranges)
+    bounds = (
+        keys.repartitionByRange(parts, "k")
+        .groupBy(F.spark_partition_id().alias("p"))
+        .agg(F.min("k").alias("lo"), F.max("k").alias("hi"))
+        .collect()
+    )
+    ranges = sorted((r["lo"], r["hi"]) for r in bounds)
+    if not all(literal_safe(v) for pair in ranges for v in pair):
+        return None
+    return KeyFilter(ranges=merge_ranges(ranges, max_ranges))
 
 
 def ranges_predicate(column: Column, ranges: Sequence[tuple[Any, Any]]) -> Column:

@@ -71,8 +71,7 @@ from deltavec.sink.key_filter import (
     LISTED_KEYS,
     PARQUET_IN_THRESHOLD,
     KeyFilter,
-    key_ranges,
-    literal_safe,
+    frame_key_filter,
 )
 from deltavec.sink.transactions import (
     APPEND_SUFFIX,
@@ -90,6 +89,7 @@ ACTION = "_action"
 EXISTS = "_exists"
 TARGET_HASH = "_target_hash"
 TARGET_MODEL = "_target_model"
+TARGET_ROWS = "_target_rows"
 
 # Above this many rows the batch is not broadcast to every task of the MERGE.
 BROADCAST_ROWS = 50_000
@@ -160,24 +160,27 @@ class TargetWriter:
     # -- reading ------------------------------------------------------------------------
 
     def key_filter(self, frame: DataFrame) -> KeyFilter | None:
-        """The frame's first key column as a filter; None when it cannot be literals."""
-        first = self.keys[0]
-        values = [r[0] for r in frame.select(first).distinct().collect()]
-        if not all(literal_safe(v) for v in values if v is not None):
-            return None
-        present = [v for v in values if v is not None]
-        return KeyFilter(
-            ranges=key_ranges(present, self.layout.max_key_ranges),
-            values=present if len(present) <= self.layout.max_listed_keys else None,
+        """The frame's first key column as a filter; None when it cannot be literals.
+
+        Bounded on the driver whatever the batch holds (``frame_key_filter``).
+        """
+        return frame_key_filter(
+            frame,
+            self.keys[0],
+            max_ranges=self.layout.max_key_ranges,
+            max_listed=self.layout.max_listed_keys,
         )
 
     def existing(
         self, spark: SparkSession, frame: DataFrame, key_filter: KeyFilter | None
     ) -> DataFrame:
-        """Target rows for the frame's keys: keys, ``_target_hash``, ``_target_model``.
+        """One row per target key of the frame: keys, ``_target_hash``,
+        ``_target_model`` and ``_target_rows``.
 
         Only files (and row groups) whose key statistics can hold a key of
-        ``key_filter`` are read.
+        ``key_filter`` are read. ``_target_rows`` above 1 is a key the target holds
+        twice (written by something other than this job's lease holder): the sink
+        repairs it rather than let the MERGE fail on it in every batch.
         """
         from pyspark.sql import functions as F
 
@@ -185,11 +188,16 @@ class TargetWriter:
         if key_filter is not None:
             rows = rows.where(key_filter.predicate(F.col(self.keys[0])))
         wanted = frame.select(*self.keys).distinct()
-        return rows.select(
-            *self.keys,
-            F.col(TEXT_HASH).alias(TARGET_HASH),
-            F.col(MODEL).alias(TARGET_MODEL),
-        ).join(wanted, on=self.keys, how="left_semi")
+        return (
+            rows.select(*self.keys, TEXT_HASH, MODEL)
+            .join(wanted, on=self.keys, how="left_semi")
+            .groupBy(*self.keys)
+            .agg(
+                F.max(TEXT_HASH).alias(TARGET_HASH),
+                F.max(MODEL).alias(TARGET_MODEL),
+                F.count(F.lit(1)).alias(TARGET_ROWS),
+            )
+        )
 
     # -- writing ------------------------------------------------------------------------
 

@@ -14,12 +14,15 @@ from typing import TYPE_CHECKING
 
 from deltavec.columns import (
     BATCH_SOURCE_VERSION,
+    DELETE,
     ERROR_CODE,
     ERROR_MESSAGE,
     IS_DUPLICATE,
     KEY_JSON,
+    OP,
     PROBLEM,
     TEXT,
+    UPSERT,
 )
 from deltavec.config import TableRef
 from deltavec.runtime import tables
@@ -71,7 +74,8 @@ class QuarantineWriter:
 
         if not any_new and tables.detail(spark, self.quarantine).get("numFiles", 0) == 0:
             return
-        problems = acts.where(F.col(PROBLEM).isNotNull() & ~F.col(IS_DUPLICATE)).select(
+        upserts = acts.where(F.col(OP) == UPSERT)
+        problems = upserts.where(F.col(PROBLEM).isNotNull() & ~F.col(IS_DUPLICATE)).select(
             F.col(KEY_JSON),
             F.col(BATCH_SOURCE_VERSION),
             F.col(PROBLEM).alias("reason"),
@@ -90,8 +94,7 @@ class QuarantineWriter:
             F.col(BATCH_SOURCE_VERSION).alias("source_version"),
             F.col("reason"),
             F.col("message"),
-            F.substring(F.col(TEXT), 1, VALUE_CHARS).alias("value"),
-            F.length(F.col(TEXT)).cast("long").alias("value_length"),
+            *_value(F.col(TEXT)),
             F.lit(batch_id).cast("long").alias("batch_id"),
             F.current_timestamp().alias("quarantined_at"),
             F.lit(False).alias("_clear"),
@@ -103,18 +106,45 @@ class QuarantineWriter:
             .join(failed_keys, on="key", how="left_anti")
             .withColumn("_clear", F.lit(True))
         )
-        source = bad.unionByName(cleared, allowMissingColumns=True)
+        # A keyless row has no key to find its quarantine row by, only its text: the
+        # deletes and preimages of keyless rows take out the row with the same text.
+        # Within the batch, an add and a removal of the same text cancel first (a
+        # multiset difference: the n-th removal cancels the n-th add), so an insert
+        # followed by an edit leaves one row, of the newer text.
+        removed = _numbered(
+            acts.where((F.col(OP) == DELETE) & (F.col(PROBLEM) == changes.NULL_KEY)).select(
+                F.col(KEY_JSON).alias("key"), *_value(F.col(TEXT))
+            )
+        )
+        added = _numbered(bad.where(F.col("reason") == changes.NULL_KEY))
+        still_added = added.join(removed, on=[*_TEXT_ID, "_n"], how="left_anti").drop("_n")
+        still_removed = (
+            removed.join(added, on=[*_TEXT_ID, "_n"], how="left_anti")
+            .select(*_TEXT_ID)
+            .distinct()  # one source row per quarantine row the MERGE may match
+            .withColumn("_clear", F.lit(True))
+            .withColumn("_keyless", F.lit(True))
+        )
+        source = (
+            bad.where(F.col("reason") != changes.NULL_KEY)
+            .unionByName(still_added)
+            .unionByName(cleared, allowMissingColumns=True)
+            .unionByName(still_removed, allowMissingColumns=True)
+            .withColumn("_keyless", F.coalesce(F.col("_keyless"), F.lit(False)))
+        )
         columns = [c for c in bad.columns if c != "_clear"]
+        condition = (
+            f"(q.key = s.key AND s.reason IS DISTINCT FROM '{changes.NULL_KEY}' AND NOT s._keyless)"
+            f" OR (s._keyless AND q.reason = '{changes.NULL_KEY}' AND q.key = s.key"
+            " AND q.value <=> s.value AND q.value_length <=> s.value_length)"
+        )
 
         def merge() -> None:
             with transaction(spark, app_id, batch_id):
                 (
                     tables.delta_table(spark, self.quarantine)
                     .alias("q")
-                    .merge(
-                        source.alias("s"),
-                        f"q.key = s.key AND s.reason IS DISTINCT FROM '{changes.NULL_KEY}'",
-                    )
+                    .merge(source.alias("s"), condition)
                     .whenMatchedDelete(condition="s._clear")
                     .whenMatchedUpdate(
                         condition="NOT s._clear", set={c: f"s.`{c}`" for c in columns}
@@ -126,6 +156,29 @@ class QuarantineWriter:
                 )
 
         retry_conflicts(merge, what=f"MERGE of batch {batch_id} into {self.quarantine.name}")
+
+
+# What identifies a keyless row's quarantine entry: its key JSON (all nulls) and text.
+_TEXT_ID = ["key", "value", "value_length"]
+
+
+def _numbered(frame: DataFrame) -> DataFrame:
+    """``frame`` with ``_n``: 1, 2, ... among the rows of the same ``_TEXT_ID``."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    order = Window.partitionBy(*_TEXT_ID).orderBy(*_TEXT_ID)
+    return frame.withColumn("_n", F.row_number().over(order))
+
+
+def _value(text: Column) -> list[Column]:
+    """The quarantine's ``value`` (the start of the text) and ``value_length``."""
+    from pyspark.sql import functions as F
+
+    return [
+        F.substring(text, 1, VALUE_CHARS).alias("value"),
+        F.length(text).cast("long").alias("value_length"),
+    ]
 
 
 def problem_message(keys: list[str], text_columns: list[str]) -> Column:

@@ -2,16 +2,22 @@
 
 Rules, applied in this order:
 
-* ``update_preimage`` records are dropped: the postimage carries the new text.
-* A ``delete`` record means "remove this key's vector".
+* A ``delete`` record, and an ``update_preimage``, mean "remove this key's vector".
+  An UPDATE that keeps a row's key also writes that key's postimage in the same
+  commit, which wins (below); one that changes the key leaves the preimage alone
+  for the old key, which is then gone from the source.
 * Everything else (inserts, postimages, rows of a plain append stream) is an upsert.
 * Among the records of one key, the newest source commit wins; within one commit an
   upsert wins over a delete (an overwrite deletes and re-adds the same key).
 * Two upserts of one key in the same commit are a duplicate key in the source.
   The one whose text has the greatest SHA-256 wins, so every replay of the batch
   picks the same row; the others are counted (``duplicates``) and logged.
-* A row with a null key column, or whose template columns are all blank, is marked
-  with a problem code for the quarantine.
+* An upsert with a null key column, or whose template columns are all blank, is
+  marked with a problem code for the quarantine.
+* Records with a null key cannot be collapsed by key: each is kept. An upsert adds
+  its row to the quarantine; a delete or preimage (op ``delete``, problem
+  ``null_key``) takes the quarantine row with the same text out again
+  (``deltavec.sink.quarantine``); neither reaches the target.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from deltavec.columns import (
     UPSERT,
 )
 from deltavec.source import text
+from deltavec.source.commit_versions import COMMIT_VERSION
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
@@ -59,7 +66,8 @@ def actions(
         template: text template over ``text_columns``.
         text_columns: the columns the template reads.
         mode: "append" (plain rows) or "changes" (Change Data Feed records).
-        batch_version: in append mode, the newest source version in this batch.
+        batch_version: in append mode, the newest source version in this batch; rows
+            carry their own commit in ``_commit_version`` where the caller added it.
 
     Returns:
         Key columns plus ``_op``, ``_source_version``, ``_text``, ``_text_hash``,
@@ -70,12 +78,16 @@ def actions(
     from pyspark.sql import functions as F
 
     if mode == "changes":
-        batch = batch.where(F.col("_change_type") != "update_preimage")
-        is_upsert = F.col("_change_type") != "delete"
+        is_upsert = F.col("_change_type").isin("insert", "update_postimage")
         version = F.col("_commit_version").cast("long")
     else:
         is_upsert = F.lit(True)
-        version = F.lit(batch_version).cast("long")
+        # Each row's own commit where the sink found it (``commit_versions``).
+        version = (
+            F.col(COMMIT_VERSION)
+            if COMMIT_VERSION in batch.columns
+            else F.lit(batch_version).cast("long")
+        )
     op = F.when(is_upsert, F.lit(UPSERT)).otherwise(F.lit(DELETE))
 
     rendered = text.render(template)
