@@ -227,7 +227,8 @@ def main() -> None:
         command = [sys.executable, "-m", "deltavec.cli", "serve", "--table", str(target),
                    "--port", str(args.port), "--refresh-seconds", str(REFRESH_SECONDS)]  # fmt: skip
         started = time.perf_counter()
-        server = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+        log_file = (root / "server.log").open("wb")
+        server = subprocess.Popen(command, env=env, stderr=log_file)
         url = f"http://127.0.0.1:{args.port}"
         while True:
             try:
@@ -235,8 +236,9 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 pass
-            if server.poll() is not None or time.perf_counter() - started > 180:
-                raise SystemExit("the server did not become ready")
+            if server.poll() is not None or time.perf_counter() - started > 300:
+                tail = (root / "server.log").read_text(errors="replace")[-3000:]
+                raise SystemExit(f"the server did not become ready:\n{tail}")
             time.sleep(0.2)
         ready = time.perf_counter() - started
         merges: list[float] = []

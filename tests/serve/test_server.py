@@ -300,3 +300,23 @@ def test_a_model_change_is_picked_up_without_mixing_models(
     assert before["model"] != after["model"] == other_identity
     expected, _ = other_encoder.encode([query])
     np.testing.assert_allclose(np.array(after["vectors"][0]), expected[0], atol=1e-6)
+
+
+def test_healthz_is_503_until_the_target_exists_then_serves_it(
+    tmp_path: Path, encoder: Any, identity: str
+) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    server = start(ServeOptions(table=str(target), port=0, refresh_seconds=0.2))
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            waiting = client.get("/healthz")
+            assert waiting.status_code == 503
+            assert "is not a Delta table" in waiting.json()["error"]
+            assert client.post("/search", json={"query": "x"}).status_code == 503
+            rows = [{"id": 7, "title": "Late", "body": "a target made after the server", "year": 1}]
+            write_source(source, rows)
+            write_target(target, rows, encoder, identity, source=source)
+            wait_until(lambda: client.get("/healthz").status_code == 200, seconds=30)
+            assert ids(client.post("/search", json={"query": render(rows[0])})) == [7]
+    finally:
+        server.stop()

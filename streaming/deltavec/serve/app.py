@@ -99,17 +99,22 @@ class Service:
             thread.join(timeout=30)
 
     def _load_then_refresh(self) -> None:
-        try:
-            self.served = self._load()
-        except DeltavecError as exc:
-            # /healthz reports it; the process stays up so the reason is visible.
-            self.load_error = str(exc)
-            log.error("cannot serve: %s", exc)
-            return
-        self._publish(None)
+        while self.served is None:
+            try:
+                self.served = self._load()
+            except Exception as exc:  # any failure: reported by /healthz, then retried
+                # /healthz reports it (503) and loading is tried again: a target
+                # that does not exist yet (the job has not started) appears later.
+                known = isinstance(exc, DeltavecError)
+                self.load_error = str(exc) if known else f"{type(exc).__name__}: {exc}"
+                log.error("cannot serve yet: %s", self.load_error, exc_info=not known)
+                if self.stop.wait(self.refresh_seconds):
+                    return
+        self.load_error = None
+        self._publish(None, loaded=True)
         self.served.run(self.refresh_seconds, self.stop, self._publish)
 
-    def _publish(self, outcome: RefreshOutcome | None) -> None:
+    def _publish(self, outcome: RefreshOutcome | None, *, loaded: bool = False) -> None:
         m = self.metrics
         if self.served is None:
             return
@@ -118,7 +123,8 @@ class Service:
         m.keyword_documents.set(snapshot.keywords.documents if snapshot.keywords else 0)
         m.table_version.set(snapshot.version)
         if outcome is None:
-            m.refreshes.labels("failed").inc()
+            if not loaded:
+                m.refreshes.labels("failed").inc()
         else:
             what = "reopened" if outcome.reopened else "applied" if outcome.changed else "unchanged"
             m.refreshes.labels(what).inc()

@@ -118,6 +118,9 @@ class ServedTarget:
                     keywords.documents if keywords else 0,
                     time.time() - started,
                 )
+            if old.search.source_path:
+                # Filters and hit columns read the source: follow it too.
+                old.search.source.update_incremental()
             view = old.search.index.view()
             if report.from_version == report.to_version or view is old.view:
                 self.refreshed_at = started
