@@ -9,6 +9,7 @@ queries with keys, scores and, when asked, the source rows behind them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -69,8 +70,13 @@ class SemanticSearch:
 
     def embed(self, text: str) -> np.ndarray:
         """The query's vector, from the same model (and weights) as the target's."""
-        vectors, _ = self.encoder.encode([text])
-        return np.asarray(vectors[0], dtype=np.float32)
+        vector: np.ndarray = self.embed_many([text])[0]
+        return vector
+
+    def embed_many(self, texts: Sequence[str]) -> np.ndarray:
+        """Query vectors for several texts in one encode call, (len(texts), dim) float32."""
+        vectors, _ = self.encoder.encode(list(texts))
+        return np.asarray(vectors, dtype=np.float32)
 
     def search(
         self,
@@ -136,7 +142,13 @@ class SemanticSearch:
         return out
 
     def refresh(self) -> RefreshReport:
-        """Follow the target's new commits (see ``VectorIndex.refresh``)."""
+        """Follow the target's new commits (see ``VectorIndex.refresh``).
+
+        Raises:
+            ModelChangedError: the target's vectors now come from another model
+                (a reembed); this object keeps answering from the old version
+                with the old model. Open the target again for the new one.
+        """
         return self.index.refresh()
 
 

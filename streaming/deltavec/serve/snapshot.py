@@ -27,6 +27,7 @@ import numpy as np
 
 from deltavec.errors import DeltavecError, ModelChangedError
 from deltavec.search.source_table import render, rows_for
+from deltavec.serve.batcher import QueryBatcher
 from deltavec.serve.keywords import KeywordIndex, KeywordView, key_id
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class Snapshot:
     view: IndexView
     keywords: KeywordView | None  # None: the target names no source or template
     model: str
-    embed_lock: threading.Lock
+    batcher: QueryBatcher  # the model's; concurrent queries share its encode calls
 
     @property
     def version(self) -> int:
@@ -56,10 +57,7 @@ class Snapshot:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Query vectors from this snapshot's model (and its query prompt)."""
-        # One encode at a time per model: Hugging Face fast tokenizers are not
-        # safe to call from several threads at once.
-        with self.embed_lock:
-            return np.stack([self.search.embed(text) for text in texts])
+        return self.batcher.embed(texts)
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,8 @@ class ServedTarget:
         keyword_view = None
         if keywords is not None:
             keyword_view = keywords.apply(_texts(search, _keys_of(view)), ())
-        return Snapshot(search, view, keyword_view, search.index.model_identity, threading.Lock())
+        batcher = QueryBatcher(search.embed_many)
+        return Snapshot(search, view, keyword_view, search.index.model_identity, batcher)
 
     def refresh(self) -> RefreshOutcome:
         """Follow the target's new commits and publish the next snapshot.
@@ -133,7 +132,7 @@ class ServedTarget:
                 gone = [key_id(k.values()) for k in deleted.to_pylist()]
                 keyword_view = self._keyword_index.apply(texts, gone)
                 updates = len(texts) + len(gone)
-            self.current = Snapshot(old.search, view, keyword_view, old.model, old.embed_lock)
+            self.current = Snapshot(old.search, view, keyword_view, old.model, old.batcher)
             self.refreshed_at = started
             return RefreshOutcome(view.version, True, False, updates, time.time() - started)
 
