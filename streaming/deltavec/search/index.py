@@ -426,6 +426,29 @@ class IndexView:
         top = _top_k(scores, k)
         return _hits(state, rows.slots[top] if rows is not None else top, scores[top])
 
+    def search_many(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """Exact top k of this version for each row of ``queries`` (n, dim), unfiltered.
+
+        One matrix product for all of them: the rows are read from memory once
+        per call, not once per query, which is what bounds a query's cost.
+        """
+        state = self.state
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim or 1)
+        if k <= 0 or state.slots == state.dead:
+            return [[] for _ in range(q.shape[0])]
+        scores = np.empty((state.slots, q.shape[0]), dtype=np.float32)
+        offset = 0
+        for block in state.blocks:
+            np.matmul(block.matrix, q.T, out=scores[offset : offset + len(block)])
+            offset += len(block)
+        if state.dead:
+            scores[~state.live] = -np.inf
+        out = []
+        for column in scores.T:
+            top = _top_k(column, k)
+            out.append(_hits(state, top, column[top]))
+        return out
+
     def slots_of(self, keys: pa.Table) -> Slots:
         """The live slots of this version whose keys appear in ``keys``, sorted."""
         wanted = keys.select(self.key_names).group_by(self.key_names).aggregate([])

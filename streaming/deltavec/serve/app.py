@@ -236,9 +236,7 @@ def run_search(snapshot: Snapshot, body: SearchRequest, limits: ServeLimits) -> 
     rows = None
     try:
         if body.where is not None:
-            from deltavec.search.source_table import matching_keys
-
-            rows = view.slots_of(matching_keys(search.source, names, body.where))
+            rows = snapshot.slots_where(body.where)
         if body.columns:
             _check_columns(search, body.columns)
     except SearchError as exc:
@@ -248,8 +246,8 @@ def run_search(snapshot: Snapshot, body: SearchRequest, limits: ServeLimits) -> 
     scores: dict[str, float] = {}
     keys: dict[str, dict[str, Any]] = {}
     if body.mode != "keyword":
-        query = snapshot.embed([body.query])[0]
-        for found in view.search(query, depth, rows=rows):
+        _, ranked_by_vector = snapshot.batcher.search(body.query, view, depth, rows)
+        for found in ranked_by_vector:
             kid = key_id([found.key[n] for n in names])
             vector.append(kid)
             scores[kid] = found.score

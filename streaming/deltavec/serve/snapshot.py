@@ -20,25 +20,27 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from deltavec.errors import DeltavecError, ModelChangedError
-from deltavec.search.source_table import render, rows_for
+from deltavec.search.source_table import matching_keys, render, rows_for
 from deltavec.serve.batcher import QueryBatcher
 from deltavec.serve.keywords import KeywordIndex, KeywordView, key_id
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from deltavec.search.index import IndexView
+    from deltavec.search.index import IndexView, Slots
     from deltavec.search.semantic import SemanticSearch
 
 log = logging.getLogger(__name__)
 
 _FILE = "__file"
+# Filters remembered per snapshot (each holds up to one int64 per row).
+_CACHED_FILTERS = 32
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,33 @@ class Snapshot:
     keywords: KeywordView | None  # None: the target names no source or template
     model: str
     batcher: QueryBatcher  # the model's; concurrent queries share its encode calls
+    # Filter -> slots, per source version: web clients repeat a few filters, and
+    # each costs a scan of the source and a join with the keys.
+    _filters: dict[tuple[str, int], Slots] = field(default_factory=dict, compare=False)
+    _filters_lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
     @property
     def version(self) -> int:
         return self.view.version
+
+    def slots_where(self, where: str) -> Slots:
+        """The slots of this version's rows whose source row satisfies ``where``.
+
+        Raises:
+            SearchError: the filter does not parse or names a column the source lacks.
+        """
+        source = self.search.source
+        key = (where, int(source.version()))
+        with self._filters_lock:
+            cached = self._filters.get(key)
+        if cached is not None:
+            return cached
+        slots = self.view.slots_of(matching_keys(source, self.view.key_names, where))
+        with self._filters_lock:
+            while len(self._filters) >= _CACHED_FILTERS:
+                self._filters.pop(next(iter(self._filters)))
+            self._filters[key] = slots
+        return slots
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Query vectors from this snapshot's model (and its query prompt)."""
