@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -426,11 +427,14 @@ class IndexView:
         top = _top_k(scores, k)
         return _hits(state, rows.slots[top] if rows is not None else top, scores[top])
 
-    def search_many(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
-        """Exact top k of this version for each row of ``queries`` (n, dim), unfiltered.
+    def search_many(
+        self, queries: np.ndarray, k: int = 10, *, rows: Sequence[Slots | None] | None = None
+    ) -> list[list[Hit]]:
+        """Exact top k of this version for each row of ``queries`` (n, dim).
 
         One matrix product for all of them: the rows are read from memory once
         per call, not once per query, which is what bounds a query's cost.
+        ``rows[i]``, when given and not None, restricts query i to those slots.
         """
         state = self.state
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim or 1)
@@ -444,9 +448,17 @@ class IndexView:
         if state.dead:
             scores[~state.live] = -np.inf
         out = []
-        for column in scores.T:
-            top = _top_k(column, k)
-            out.append(_hits(state, top, column[top]))
+        for i, column in enumerate(scores.T):
+            only = rows[i] if rows is not None else None
+            if only is None:
+                top = _top_k(column, k)
+                out.append(_hits(state, top, column[top]))
+                continue
+            if only.view is not self:
+                raise ValueError("these slots belong to another version of the index")
+            picked = column[only.slots]
+            top = _top_k(picked, k)
+            out.append(_hits(state, only.slots[top], picked[top]))
         return out
 
     def slots_of(self, keys: pa.Table) -> Slots:
