@@ -3,10 +3,11 @@
 Under load the server embeds whatever queued while the previous batch ran in
 one encode call, then ranks every vector query of one index version with one
 matrix product (a filtered one then keeps only its rows' scores). Both steps
-cost about as much for 16 queries as for one: a short query's encode is dominated by each layer's fixed cost, and a
-matrix-vector product by reading the whole matrix from memory (side by side on
-the 2-core VM: 16 threads each multiplying the 100,000 x 384 matrix by one
-query answered 5 queries/s; one thread multiplying it by all 16, 75/s).
+cost about as much for 16 queries as for one: a short query's encode is
+dominated by each layer's fixed cost, and a matrix-vector product by reading
+the whole matrix from memory (side by side on the 2-core VM: 16 threads each
+multiplying the 100,000 x 384 matrix by one query answered 5 queries/s; one
+thread multiplying it by all 16, 75/s).
 
 One worker thread does this work, with one torch thread: Hugging Face
 tokenizers are not safe to call from several threads, and both torch's and
