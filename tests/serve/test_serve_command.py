@@ -27,8 +27,9 @@ def _deltavec(*args: str) -> list[str]:
     return [sys.executable, "-m", "deltavec.cli", *args]
 
 
-def test_serve_answers_over_http_and_stops_on_ctrl_c(
-    tmp_path: Path, encoder: Any, identity: str
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_serve_answers_over_http_and_stops_cleanly_on_a_signal(
+    stop: signal.Signals, tmp_path: Path, encoder: Any, identity: str
 ) -> None:
     rows = [{"id": 1, "title": "Ferrous", "body": "iron oxide pigments", "year": 2021}]
     write_source(tmp_path / "source", rows)
@@ -69,7 +70,8 @@ def test_serve_answers_over_http_and_stops_on_ctrl_c(
         found = httpx.post(f"{url}/search", json={"query": "iron oxide", "mode": "hybrid"})
         assert [h["key"] for h in found.json()["hits"]] == [{"id": 1}]
     finally:
-        server.send_signal(signal.SIGINT)
+        server.send_signal(stop)
         _, stderr = server.communicate(timeout=60)
     assert server.returncode == 0, stderr[-2000:]
     assert f"serving {tmp_path / 'target'} on {url}" in stderr
+    assert f"stopped serving {tmp_path / 'target'}" in stderr

@@ -323,3 +323,34 @@ def test_healthz_is_503_until_the_target_exists_then_serves_it(
             assert ids(client.post("/search", json={"query": render(rows[0])})) == [7]
     finally:
         server.stop()
+
+
+def test_a_failing_refresh_keeps_serving_and_the_next_one_catches_up(
+    tables: tuple[Path, Path, list[dict[str, Any]]],
+    encoder: Any,
+    identity: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import deltavec.serve.snapshot as snapshot_module
+
+    source, target, _ = tables
+    failures = {"left": 3}
+    read_rows = snapshot_module.rows_for
+
+    def flaky_rows_for(*args: Any, **kwargs: Any) -> Any:  # injected fault: not a DeltavecError
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError("connection reset by the object store")
+        return read_rows(*args, **kwargs)
+
+    with serving(target, refresh_seconds=0.2) as (_, client):
+        monkeypatch.setattr(snapshot_module, "rows_for", flaky_rows_for)
+        row = {"id": 901, "title": "Later", "body": "written while the store was flaky", "year": 1}
+        write_source(source, [row])
+        write_target(target, [row], encoder, identity, source=source)
+        wait_until(lambda: client.get("/healthz").json()["rows"] == 201, seconds=30)
+        found = client.post("/search", json={"query": "written while the store was flaky"})
+        metrics = scraped(client.get("/metrics").text)
+
+    assert failures["left"] == 0 and ids(found)[0] == 901
+    assert metrics.value("deltavec_serve_refreshes_total", outcome="failed") == 3

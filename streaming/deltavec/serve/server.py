@@ -8,6 +8,7 @@ service in another Python process (and for the tests).
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
@@ -72,16 +73,24 @@ def start(
 
 
 def serve(options: ServeOptions) -> None:
-    """Serve until interrupted (SIGINT/SIGTERM)."""
+    """Serve until SIGINT or SIGTERM, then shut down gracefully and return."""
     server, sock, _ = _prepare(options, None)
     host, port = sock.getsockname()[:2]
-    log.info(
-        "serving %s on http://%s:%d (API description at /docs)",
-        options.table,
-        _url_host(host),
-        port,
-    )
-    server.run(sockets=[sock])
+    url = f"http://{_url_host(host)}:{port}"
+    log.info("serving %s on %s (API description at %s/docs)", options.table, url, url)
+    # uvicorn finishes in-flight requests, then re-raises the signal it caught;
+    # as Ctrl-C that is a KeyboardInterrupt, and SIGTERM (docker stop) is made one.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        log.info("stopped serving %s", options.table)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _prepare(

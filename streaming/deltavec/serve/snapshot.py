@@ -129,7 +129,7 @@ class ServedTarget:
             started = time.time()
             old = self.current
             try:
-                report = old.search.refresh()
+                old.search.refresh()
             except ModelChangedError as exc:
                 log.info("%s; loading the new model", exc)
                 self.current = self._build(self._open())
@@ -146,7 +146,9 @@ class ServedTarget:
                 # Filters and hit columns read the source: follow it too.
                 old.search.source.update_incremental()
             view = old.search.index.view()
-            if report.from_version == report.to_version or view is old.view:
+            # Compared with what the snapshot holds, not with what this refresh
+            # read: a refresh that failed after the index moved on is completed here.
+            if view is old.view:
                 self.refreshed_at = started
                 return RefreshOutcome(view.version, False, False, 0, time.time() - started)
             updates = 0
@@ -166,9 +168,12 @@ class ServedTarget:
         while not stop.wait(every):
             try:
                 outcome = self.refresh()
-            except DeltavecError as exc:
+            except Exception as exc:  # the refresher must outlive any one failure
                 log.warning(
-                    "refresh failed, still serving version %d: %s", self.current.version, exc
+                    "refresh failed, still serving version %d: %s",
+                    self.current.version,
+                    exc,
+                    exc_info=not isinstance(exc, DeltavecError),
                 )
                 on_refresh(None)
                 continue
