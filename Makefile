@@ -12,7 +12,7 @@ DELTA_VERSION := $(shell sed -n 's/.*"delta-spark==\([0-9.]*\)".*/\1/p' pyprojec
 DELTA_JAR := $(HOME)/.m2/repository/io/delta/delta-spark_2.13/$(DELTA_VERSION)/delta-spark_2.13-$(DELTA_VERSION).jar
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-cluster test-gpu bench bench-search bench-merge lint check-alerts typecheck setup jars clean
+.PHONY: demo test test-fast test-cluster test-gpu bench bench-search bench-serve bench-merge lint check-alerts typecheck setup jars clean
 
 setup: $(STAMP) jars
 
@@ -56,6 +56,10 @@ bench: setup
 
 bench-search: setup
 	$(BIN)/python benchmarks/search.py
+
+# `deltavec serve` under 16 concurrent clients per mode while 1,000-row MERGEs land (~3 min).
+bench-serve: setup
+	$(BIN)/python benchmarks/serve.py
 
 # MERGE cost against 10k, 100k and 1M-row targets (about 2 GB of disk, 20+ minutes).
 bench-merge: setup

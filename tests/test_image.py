@@ -18,11 +18,12 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from deltavec.config import MetricsConfig
+from deltavec.config import MetricsConfig, ServeConfig
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -352,3 +353,15 @@ _WRITE_AND_READ_DELTA = textwrap.dedent(
     spark.stop()
     """
 )
+
+
+def test_compose_search_service_serves_the_demo_target_behind_a_token() -> None:
+    search: dict[str, Any] = _compose()["services"]["search"]  # type: ignore[index]
+    assert search["command"][0] == "serve"
+    port = ServeConfig().port
+    # Off loopback inside its container, so the server insists on a token.
+    assert search["command"][1:] == ["--host", "0.0.0.0", "--port", str(port)]
+    assert ServeConfig().token_env in search["environment"]
+    assert search["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert f"http://127.0.0.1:{port}/healthz" in " ".join(search["healthcheck"]["test"])
+    assert search["depends_on"]["seed"]["condition"] == "service_completed_successfully"

@@ -135,6 +135,42 @@ def _parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--json", action="store_true", help="print one JSON object")
     search.set_defaults(command=cmd_search)
+
+    serve = sub.add_parser(
+        "serve",
+        help="HTTP search service over a target: vector, keyword and hybrid search",
+        description="Serve POST /search, POST /embed, POST /v1/embeddings, GET /healthz and "
+        "GET /metrics over one target, following its commits in the background. Binds to "
+        "127.0.0.1 unless told otherwise; another host needs a bearer token in "
+        "$DELTAVEC_SERVE_TOKEN (serve.token_env).",
+    )
+    serve.add_argument("--table", help="target table path (default: target.path of --config)")
+    serve.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help="TOML config naming the target and its [serve] settings "
+        "(default without --table: $DELTAVEC_CONFIG or conf/deltavec.toml)",
+    )
+    serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8080; 0: any free)")
+    serve.add_argument(
+        "--refresh-seconds",
+        type=float,
+        default=None,
+        help="seconds between refreshes from the target's log (default 5)",
+    )
+    serve.add_argument("--source", help="source table path, for filters, columns and keywords")
+    serve.add_argument("--model", help="load this model copy (its weights must match)")
+    serve.add_argument(
+        "-o",
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="deltalake storage option for cloud paths (repeatable)",
+    )
+    serve.set_defaults(command=cmd_serve)
     return parser
 
 
@@ -298,6 +334,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     from deltavec.search.cli import run_search
 
     return run_search(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deltavec.serve.command import run_serve
+
+    return run_serve(args)
 
 
 if __name__ == "__main__":

@@ -201,6 +201,24 @@ class MetricsConfig(_Section):
     refresh_seconds: float = Field(default=30.0, gt=0)
 
 
+class ServeConfig(_Section):
+    """``deltavec serve``: the HTTP search service over the target."""
+
+    # Loopback by default; any other address needs the bearer token below.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    # How often the server follows the target's commits (and the source's, for
+    # keyword text and filters); each refresh reads only what the commits added.
+    refresh_seconds: float = Field(default=5.0, gt=0)
+    # The environment variable holding the bearer token (never the token itself:
+    # config files end up in repositories).
+    token_env: str = Field(default="DELTAVEC_SERVE_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    max_k: int = Field(default=100, ge=1, le=10_000)
+    # Texts per /embed or /v1/embeddings request.
+    max_texts: int = Field(default=256, ge=1, le=10_000)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+
+
 class DeltavecConfig(BaseSettings):
     """The whole job's configuration, validated once and then read-only."""
 
@@ -218,6 +236,7 @@ class DeltavecConfig(BaseSettings):
     trigger: TriggerConfig = TriggerConfig()
     spark: SparkConfig = SparkConfig()
     metrics: MetricsConfig = MetricsConfig()
+    serve: ServeConfig = ServeConfig()
 
     @classmethod
     def settings_customise_sources(

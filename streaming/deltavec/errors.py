@@ -42,3 +42,15 @@ class SearchError(DeltavecError):
 
 class MetricsError(DeltavecError):
     """The metrics endpoint cannot be served (its address is in use or not this host's)."""
+
+
+class ModelChangedError(TargetError):
+    """The target's vectors now come from another model (a reembed): open it again.
+
+    Attributes:
+        identity: the model identity the target records now.
+    """
+
+    def __init__(self, message: str, identity: str) -> None:
+        super().__init__(message)
+        self.identity = identity

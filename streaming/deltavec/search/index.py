@@ -12,7 +12,10 @@ Scores are inner products; the job writes L2-normalised vectors for models that
 normalise (the default does), so the score is the cosine similarity.
 
 Searches may run on many threads while one thread refreshes: a refresh builds
-the next state aside and swaps it in with one assignment.
+the next state aside and swaps it in with one assignment. A query that needs
+several steps (a filter's slots, then the search) takes one ``IndexView`` and
+runs them all on it, so every step sees the same version; with FAISS, its index
+and the state are swapped together under one lock.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from deltavec.columns import EMBEDDING, MODEL
-from deltavec.errors import TargetError
+from deltavec.errors import ModelChangedError, TargetError
 from deltavec.search import deletions, delta_files, refresh
 from deltavec.search.refresh import RefreshReport
 from deltavec.search.state import FileRows, IndexState, compact, needs_compaction
@@ -82,7 +86,8 @@ class VectorIndex:
         self.table = delta_files.open_table(path, storage_options, version)
         self._next_file_id = 0
         self._approximate: IvfIndex | None = None
-        self._key_slots: tuple[IndexState, pa.Table] | None = None
+        self._view: IndexView | None = None
+        self._identity = self.properties.get(MODEL_PROPERTY, "")
         # One refresh at a time; FAISS's index is changed in place, so its
         # searches wait for a refresh too (exact searches never wait).
         self._refreshing = threading.Lock()
@@ -98,7 +103,8 @@ class VectorIndex:
 
     @property
     def model_identity(self) -> str:
-        return self.properties.get(MODEL_PROPERTY, "")
+        """The model of the vectors served: fixed for this index (refresh refuses a change)."""
+        return self._identity
 
     @property
     def keys(self) -> list[str]:
@@ -148,10 +154,6 @@ class VectorIndex:
             file_ids=loaded.file_ids,
             masked_files=frozenset(deleted) & loaded.file_ids.keys(),
         )
-        if self._approximate is not None:
-            with self._ann_lock:
-                self._approximate.rebuild(state.blocks)
-                self._approximate.remove(np.flatnonzero(~state.live))
         log.info("loaded %d vectors from %s version %d", state.slots, self.path, state.version)
         return state
 
@@ -196,7 +198,7 @@ class VectorIndex:
             started = time.perf_counter()
             state = self._state
             table_id = self.table.metadata().id
-            identity = self.model_identity
+            identity = self._identity
             try:
                 self.table.update_incremental()
             except DeltaError as exc:
@@ -208,26 +210,30 @@ class VectorIndex:
             if after == state.version:
                 return RefreshReport(after, after, seconds=time.perf_counter() - started)
             try:
+                recorded = self.properties.get(MODEL_PROPERTY, "")
+                if recorded != identity:
+                    # A reembed: the query encoder of whoever holds this index is the
+                    # old model's, so loading the new vectors would mix the two.
+                    raise ModelChangedError(
+                        f"target {self.path} switched models at version {after} "
+                        f"({identity} -> {recorded}); open it again",
+                        recorded,
+                    )
                 if self.table.metadata().id != table_id:
                     # The path now holds another table (dropped and created again).
                     new = self._load_all()
                     report = RefreshReport(
                         state.version, after, rows_added=new.slots, full_reload=True
                     )
+                    self._swap(new, rebuild=True)
                 else:
-                    if self.model_identity != identity:
-                        raise TargetError(
-                            f"target {self.path} switched models at version {after} "
-                            f"({identity} -> {self.model_identity}); open it again"
-                        )
-                    new, report = self._apply_commits(state, after)
+                    report = self._apply_commits(state, after)
             except BaseException:
                 self.table.load_as_version(state.version)
                 raise
-            self._state = new
             return replace(report, seconds=time.perf_counter() - started)
 
-    def _apply_commits(self, state: IndexState, after: int) -> tuple[IndexState, RefreshReport]:
+    def _apply_commits(self, state: IndexState, after: int) -> RefreshReport:
         data = delta_files.dataset(self.table, self.path, self.storage_options)
         diff = refresh.diff_commits(
             self.table, data, state, after, storage_options=self.storage_options, read=self._read
@@ -236,20 +242,38 @@ class VectorIndex:
             # Deleted rows may come back (or the log no longer says): masks only
             # ever hide rows, so the table is read again whole.
             new = self._load_all()
-            return new, RefreshReport(state.version, after, rows_added=new.slots, full_reload=True)
+            self._swap(new, rebuild=True)
+            return RefreshReport(state.version, after, rows_added=new.slots, full_reload=True)
         compacted = compact(diff.state) if needs_compaction(diff.state) else None
-        if self._approximate is not None:
-            with self._ann_lock:
-                if compacted is not None:
-                    self._approximate.rebuild(compacted.blocks)
-                else:
-                    # The FAISS ids are slots: drop what died among the old ones,
-                    # add the new rows, then drop the new rows already deleted.
-                    live = diff.state.live
-                    self._approximate.remove(np.flatnonzero(state.live & ~live[: state.slots]))
-                    self._approximate.add(diff.added.matrix, state.slots)
-                    self._approximate.remove(state.slots + np.flatnonzero(~live[state.slots :]))
-        return compacted or diff.state, diff.report
+        if compacted is not None:
+            self._swap(compacted, rebuild=True)
+        else:
+            self._swap(diff.state, added=diff.added.matrix)
+        return diff.report
+
+    def _swap(self, new: IndexState, *, rebuild: bool = False, added: Any = None) -> None:
+        """Make ``new`` the state queries see; FAISS (if set up) changes in the same step.
+
+        A search on the FAISS path holds ``_ann_lock`` while it reads the state
+        and the FAISS ids (which are slots): changing both under that lock means
+        no search sees the ids of one state with the rows of another.
+        """
+        if self._approximate is None:
+            self._state = new
+            return
+        with self._ann_lock:
+            old = self._state
+            if rebuild:
+                self._approximate.rebuild(new.blocks)
+                self._approximate.remove(np.flatnonzero(~new.live))
+            else:
+                # The FAISS ids are slots: drop what died among the old ones,
+                # add the new rows, then drop the new rows already deleted.
+                live = new.live
+                self._approximate.remove(np.flatnonzero(old.live & ~live[: old.slots]))
+                self._approximate.add(added, old.slots)
+                self._approximate.remove(old.slots + np.flatnonzero(~live[old.slots :]))
+            self._state = new
 
     # -- search -----------------------------------------------------------------------
 
@@ -297,7 +321,7 @@ class VectorIndex:
         query: np.ndarray,
         k: int = 10,
         *,
-        rows: np.ndarray | None = None,
+        rows: Slots | np.ndarray | None = None,
         exact: bool | None = None,
     ) -> list[Hit]:
         """The k rows most similar to one query vector, best first.
@@ -305,7 +329,9 @@ class VectorIndex:
         Args:
             query: a vector of the table's dimension, from the table's model.
             k: how many hits at most.
-            rows: only these slots compete (from ``slots_of``, for filters).
+            rows: only these slots compete: ``Slots`` from ``slots_of`` are answered
+                from the version they were taken from, whatever refreshed since;
+                a plain array of slots means slots of the version held now.
             exact: True forces exact search when an approximate index is set up;
                 filtered queries are always exact.
         """
@@ -320,14 +346,18 @@ class VectorIndex:
                     found, slots = approximate.search(q.reshape(1, -1), k)
                     keep = slots[0] >= 0
                     return _hits(state, slots[0][keep], found[0][keep])
+        if isinstance(rows, Slots):
+            return rows.view.search(q, k, rows=rows)
+        view = self.view()
+        return view.search(q, k, rows=None if rows is None else Slots(view, rows))
+
+    def view(self) -> IndexView:
+        """The version held now, fixed: every call on it answers from that version."""
         state = self._state
-        if state.slots == state.dead:
-            return []
-        scores = _scores(state, q)
-        if rows is not None:
-            scores = scores[rows]
-        top = _top_k(scores, k)
-        return _hits(state, rows[top] if rows is not None else top, scores[top])
+        view = self._view
+        if view is None or view.state is not state:
+            view = self._view = IndexView(state, self.keys, self.dim)
+        return view
 
     def rows(self) -> tuple[pa.Table, np.ndarray]:
         """Every row the table holds now: (key columns, (n, dim) vectors), in slot order.
@@ -342,23 +372,116 @@ class VectorIndex:
         vectors = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
         return _keys_at(state, np.flatnonzero(state.live)), vectors
 
-    def slots_of(self, keys: pa.Table) -> np.ndarray:
-        """The live slots whose keys appear in ``keys`` (a table of the key columns), sorted.
+    def slots_of(self, keys: pa.Table) -> Slots:
+        """The live slots whose keys appear in ``keys`` (a table of the key columns).
 
-        Slots belong to the version the index holds now: pass them to ``search``
-        before the next ``refresh``.
+        They belong to the version the index holds now; ``search(rows=...)``
+        answers from that version even if a refresh ran in between.
         """
+        return self.view().slots_of(keys)
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Sorted slots of one ``IndexView`` (a filter's rows), tied to the version they index."""
+
+    view: IndexView
+    slots: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+
+class IndexView:
+    """One version of the index, never changed: exact search and key lookups on it.
+
+    A caller that runs several steps for one query (filter, search, attach)
+    takes one view and uses it throughout; ``VectorIndex.view`` gives the current one.
+    """
+
+    def __init__(self, state: IndexState, keys: list[str], dim: int) -> None:
+        self.state = state
+        self.key_names = keys
+        self.dim = dim
+        self._key_slots: pa.Table | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def version(self) -> int:
+        return self.state.version
+
+    def __len__(self) -> int:
+        return self.state.slots - self.state.dead
+
+    def search(self, query: np.ndarray, k: int = 10, *, rows: Slots | None = None) -> list[Hit]:
+        """Exact top k of this version (``rows``: only these slots of this view compete)."""
+        if rows is not None and rows.view is not self:
+            raise ValueError("these slots belong to another version of the index")
+        state = self.state
+        if k <= 0 or state.slots == state.dead:
+            return []
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
+        scores = _scores(state, q)
+        if rows is not None:
+            scores = scores[rows.slots]
+        top = _top_k(scores, k)
+        return _hits(state, rows.slots[top] if rows is not None else top, scores[top])
+
+    def search_many(
+        self, queries: np.ndarray, k: int = 10, *, rows: Sequence[Slots | None] | None = None
+    ) -> list[list[Hit]]:
+        """Exact top k of this version for each row of ``queries`` (n, dim).
+
+        One matrix product for all of them: the rows are read from memory once
+        per call, not once per query, which is what bounds a query's cost.
+        ``rows[i]``, when given and not None, restricts query i to those slots.
+        """
+        state = self.state
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim or 1)
+        if k <= 0 or state.slots == state.dead:
+            return [[] for _ in range(q.shape[0])]
+        scores = np.empty((state.slots, q.shape[0]), dtype=np.float32)
+        offset = 0
+        for block in state.blocks:
+            np.matmul(block.matrix, q.T, out=scores[offset : offset + len(block)])
+            offset += len(block)
+        if state.dead:
+            scores[~state.live] = -np.inf
+        out = []
+        for i, column in enumerate(scores.T):
+            only = rows[i] if rows is not None else None
+            if only is None:
+                top = _top_k(column, k)
+                out.append(_hits(state, top, column[top]))
+                continue
+            if only.view is not self:
+                raise ValueError("these slots belong to another version of the index")
+            picked = column[only.slots]
+            top = _top_k(picked, k)
+            out.append(_hits(state, only.slots[top], picked[top]))
+        return out
+
+    def slots_of(self, keys: pa.Table) -> Slots:
+        """The live slots of this version whose keys appear in ``keys``, sorted."""
+        wanted = keys.select(self.key_names).group_by(self.key_names).aggregate([])
+        joined = self.live_keys().join(wanted, keys=self.key_names, join_type="inner")
+        return Slots(self, np.sort(joined.column(SLOT).to_numpy()))
+
+    def live_keys(self) -> pa.Table:
+        """The key columns of the live rows plus their slot (column ``__slot``)."""
         import pyarrow as pa
 
-        state = self._state
-        cached = self._key_slots
-        if cached is None or cached[0] is not state:
-            slots = pa.array(np.arange(state.slots, dtype=np.int64))
-            table = state.keys().append_column("__slot", slots).filter(pa.array(state.live))
-            cached = self._key_slots = (state, table)
-        wanted = keys.select(self.keys).group_by(self.keys).aggregate([])
-        joined = cached[1].join(wanted, keys=self.keys, join_type="inner")
-        return np.sort(joined.column("__slot").to_numpy())
+        with self._lock:
+            if self._key_slots is None:
+                state = self.state
+                slots = pa.array(np.arange(state.slots, dtype=np.int64))
+                table = state.keys().append_column(SLOT, slots)
+                self._key_slots = table.filter(pa.array(state.live))
+            return self._key_slots
+
+
+# The slot column that IndexView.live_keys adds to the key columns.
+SLOT = "__slot"
 
 
 def _scores(state: IndexState, q: np.ndarray) -> np.ndarray:

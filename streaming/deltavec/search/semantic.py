@@ -10,6 +10,7 @@ source rows behind them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,8 +75,13 @@ class SemanticSearch:
 
     def embed(self, text: str) -> np.ndarray:
         """The query's vector: the target's model and window, with its query prompt."""
-        vectors, _ = self.encoder.encode([text], prompt=self.query_prompt)
-        return np.asarray(vectors[0], dtype=np.float32)
+        vector: np.ndarray = self.embed_many([text])[0]
+        return vector
+
+    def embed_many(self, texts: Sequence[str]) -> np.ndarray:
+        """Query vectors for several texts in one encode call, (len(texts), dim) float32."""
+        vectors, _ = self.encoder.encode(list(texts), prompt=self.query_prompt)
+        return np.asarray(vectors, dtype=np.float32)
 
     def search(
         self,
@@ -141,7 +147,13 @@ class SemanticSearch:
         return out
 
     def refresh(self) -> RefreshReport:
-        """Follow the target's new commits (see ``VectorIndex.refresh``)."""
+        """Follow the target's new commits (see ``VectorIndex.refresh``).
+
+        Raises:
+            ModelChangedError: the target's vectors now come from another model
+                (a reembed); this object keeps answering from the old version
+                with the old model. Open the target again for the new one.
+        """
         return self.index.refresh()
 
 

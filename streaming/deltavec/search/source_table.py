@@ -91,9 +91,25 @@ def _scan(source: DeltaTable, columns: list[str], predicate: str | None, *, what
 
     try:
         reader = source.scan(columns=columns, predicate=predicate)
-        return pa.RecordBatchReader.from_stream(reader).read_all()
+        table = pa.RecordBatchReader.from_stream(reader).read_all()
     except (DeltaError, pa.ArrowException) as exc:
         raise SearchError(f"{what} fails on source {source.table_uri}: {_one_line(exc)}") from None
+    return _without_view_types(table)
+
+
+def _without_view_types(table: pa.Table) -> pa.Table:
+    """DataFusion's string_view/binary_view columns as plain ones.
+
+    Several pyarrow kernels (``filter``/``take`` among them, which ``rows_for``
+    uses past ``_MAX_PREDICATE_KEYS`` keys) have no view-type implementation.
+    """
+    import pyarrow as pa
+
+    plain = {pa.string_view(): pa.large_string(), pa.binary_view(): pa.large_binary()}
+    if not any(field.type in plain for field in table.schema):
+        return table
+    schema = pa.schema([f.with_type(plain.get(f.type, f.type)) for f in table.schema])
+    return table.cast(schema)
 
 
 def _keys_predicate(keys: pa.Table) -> str | None:

@@ -1,0 +1,301 @@
+"""Serving benchmark: `deltavec serve` under load while the target takes MERGEs.
+
+Builds a 100,000-row target (synthetic 384-dim vectors recorded under the default
+model's identity, so the server loads the real model for the queries) and a
+source of the same keys with text (a title, a body of vocabulary words, a
+product code unique to the row, a year), written with delta-rs in files of
+10,000 rows. The server runs as its own process (``python -m deltavec.cli
+serve``). Clients on loopback run 16 concurrent request loops per mode for
+``--seconds`` each:
+
+* ``vector``: a text query, embedded by the server with the target's model;
+* ``keyword``: BM25 over the rendered template;
+* ``hybrid``: both, fused by reciprocal rank;
+* ``vector_where``: vector search restricted by ``year >= 2020`` (about 40% of rows).
+
+Meanwhile a writer commits a 1,000-row MERGE (500 updated keys, 500 new) to
+the target and the source every 10 s; the server refreshes every 2 s. Reported
+per mode: QPS, p50/p99 latency, errors; and the refreshes the server applied.
+The last line printed is one JSON object.
+
+    python benchmarks/serve.py                # about 3 minutes
+    python benchmarks/serve.py --seconds 10 --rows 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "streaming"))
+sys.path.insert(0, str(REPO))
+
+DIM = 384
+FILE_ROWS = 10_000
+CONCURRENCY = 16
+MERGE_ROWS = 1000
+MERGE_EVERY = 10.0
+REFRESH_SECONDS = 2.0
+TEMPLATE = "{title}. {body}"
+TARGETS = {
+    "vector_p50_ms": 20.0,
+    "vector_p99_ms": 60.0,
+    "vector_qps": 150.0,
+    "hybrid_p99_ms": 100.0,
+}
+_WORDS = [
+    f"{a}{b}"
+    for a in ("al", "be", "co", "da", "el", "fa", "ga", "ha", "io", "ju", "ka", "lo")
+    for b in ("ron", "mex", "tid", "sul", "vor", "pak", "nel", "dis", "gor", "fen", "lum")
+]
+
+
+def texts(ids: np.ndarray, rng: np.random.Generator, edition: int = 0) -> pa.Table:
+    words = np.array(_WORDS)
+    bodies = [" ".join(words[rng.integers(0, len(words), 12)]) + f" code PX{i:06d}" for i in ids]
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "title": pa.array([f"Item {i} edition {edition}" for i in ids]),
+            "body": pa.array(bodies),
+            "year": pa.array((2010 + ids % 15).astype(np.int32)),
+        }
+    )
+
+
+def vectors_for(ids: np.ndarray, rng: np.random.Generator, identity: str) -> pa.Table:
+    v = rng.standard_normal((len(ids), DIM), dtype=np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    offsets = pa.array(np.arange(0, len(ids) * DIM + 1, DIM, dtype=np.int32))
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "embedding": pa.ListArray.from_arrays(offsets, pa.array(v.ravel())),
+            "model": pa.array([identity] * len(ids)),
+            "dim": pa.array(np.full(len(ids), DIM, np.int32)),
+        }
+    )
+
+
+def build(root: Path, rows: int, identity: str) -> tuple[Path, Path]:
+    from deltalake import DeltaTable, write_deltalake
+
+    rng = np.random.default_rng(0)
+    source, target = root / "source", root / "target"
+    for start in range(0, rows, FILE_ROWS):
+        ids = np.arange(start, min(rows, start + FILE_ROWS))
+        write_deltalake(str(source), texts(ids, rng), mode="append")
+        write_deltalake(str(target), vectors_for(ids, rng, identity), mode="append")
+    DeltaTable(str(target)).alter.set_table_properties(
+        {
+            "deltavec.model": identity,
+            "deltavec.model_name": "default",
+            "deltavec.keys": "id",
+            "deltavec.dim": str(DIM),
+            "deltavec.source": str(source),
+            "deltavec.template": TEMPLATE,
+        },
+        raise_if_not_exists=False,
+    )
+    return source, target
+
+
+def merge_loop(source: Path, target: Path, rows: int, identity: str, stop: threading.Event,
+               done: list[float]) -> None:  # fmt: skip
+    """Every MERGE_EVERY s: 500 keys of one file updated, 500 new keys, in both tables."""
+    from deltalake import DeltaTable
+
+    rng = np.random.default_rng(1)
+    edition, fresh = 1, rows
+    while not stop.wait(MERGE_EVERY):
+        first = int(rng.integers(0, rows // FILE_ROWS)) * FILE_ROWS
+        ids = np.concatenate([np.arange(first, first + 500), np.arange(fresh, fresh + 500)])
+        fresh += 500
+        started = time.perf_counter()
+        for path, data in (
+            (source, texts(ids, rng, edition)),
+            (target, vectors_for(ids, rng, identity)),
+        ):
+            (
+                DeltaTable(str(path))
+                .merge(data, "t.id = s.id", source_alias="s", target_alias="t")
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute()
+            )
+        edition += 1
+        done.append(time.perf_counter() - started)
+
+
+def query_for(rng: np.random.Generator, mode: str, rows: int) -> dict[str, Any]:
+    words = " ".join(rng.choice(_WORDS, 4))
+    if mode == "keyword":
+        return {"query": f"{words} PX{int(rng.integers(0, rows)):06d}", "mode": "keyword"}
+    if mode == "hybrid":
+        return {"query": f"{words} PX{int(rng.integers(0, rows)):06d}", "mode": "hybrid"}
+    body: dict[str, Any] = {"query": words, "mode": "vector"}
+    if mode == "vector_where":
+        body["where"] = "year >= 2020"
+    return body
+
+
+async def load(url: str, mode: str, seconds: float, rows: int) -> dict[str, Any]:
+    import httpx
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    deadline = time.perf_counter() + seconds
+
+    async def loop(worker: int, client: httpx.AsyncClient) -> None:
+        rng = np.random.default_rng(worker)
+        while time.perf_counter() < deadline:
+            body = {**query_for(rng, mode, rows), "k": 10}
+            started = time.perf_counter()
+            try:
+                response = await client.post("/search", json=body)
+                ok = response.status_code == 200
+                reason = str(response.status_code)
+            except httpx.HTTPError as exc:
+                ok, reason = False, type(exc).__name__
+            if ok:
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors[reason] = errors.get(reason, 0) + 1
+
+    limits = httpx.Limits(max_connections=CONCURRENCY)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        await client.post("/search", json={**query_for(np.random.default_rng(99), mode, rows)})
+        started = time.perf_counter()
+        await asyncio.gather(*(loop(w, client) for w in range(CONCURRENCY)))
+        took = time.perf_counter() - started
+    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {
+        "qps": round(len(latencies) / took, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "requests": len(latencies),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+    }
+
+
+def scrape(url: str, name: str, **labels: str) -> float:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--seconds", type=float, default=30.0, help="per mode")
+    parser.add_argument("--port", type=int, default=18080)
+    args = parser.parse_args()
+
+    import httpx
+
+    from deltavec.embed.models import model_identity, resolve_model
+
+    identity = model_identity("default", resolve_model("default"))
+    root = Path(tempfile.mkdtemp(prefix="deltavec-bench-serve-"))
+    server = None
+    stop = threading.Event()
+    try:
+        started = time.perf_counter()
+        source, target = build(root, args.rows, identity)
+        built = time.perf_counter() - started
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "streaming"), str(REPO)])}
+        command = [sys.executable, "-m", "deltavec.cli", "serve", "--table", str(target),
+                   "--port", str(args.port), "--refresh-seconds", str(REFRESH_SECONDS)]  # fmt: skip
+        started = time.perf_counter()
+        log_file = (root / "server.log").open("wb")
+        server = subprocess.Popen(command, env=env, stderr=log_file)
+        url = f"http://127.0.0.1:{args.port}"
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.perf_counter() - started > 300:
+                tail = (root / "server.log").read_text(errors="replace")[-3000:]
+                raise SystemExit(f"the server did not become ready:\n{tail}")
+            time.sleep(0.2)
+        ready = time.perf_counter() - started
+        merges: list[float] = []
+        writer = threading.Thread(
+            target=merge_loop, args=(source, target, args.rows, identity, stop, merges)
+        )
+        writer.start()
+        results = {}
+        for mode in ("vector", "keyword", "hybrid", "vector_where"):
+            results[mode] = asyncio.run(load(url, mode, args.seconds, args.rows))
+            print(mode, results[mode], flush=True)
+        stop.set()
+        writer.join()
+        applied = scrape(url, "deltavec_serve_refreshes_total", outcome="applied")
+        failed = scrape(url, "deltavec_serve_refreshes_total", outcome="failed")
+        refresh_count = scrape(url, "deltavec_serve_refresh_seconds_count")
+        refresh_sum = scrape(url, "deltavec_serve_refresh_seconds_sum")
+        served_version = scrape(url, "deltavec_serve_table_version")
+    finally:
+        stop.set()
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
+
+    vector, hybrid = results["vector"], results["hybrid"]
+    met = {
+        "vector_p50_ms": vector["p50_ms"] <= TARGETS["vector_p50_ms"],
+        "vector_p99_ms": vector["p99_ms"] <= TARGETS["vector_p99_ms"],
+        "vector_qps": vector["qps"] >= TARGETS["vector_qps"],
+        "hybrid_p99_ms": hybrid["p99_ms"] <= TARGETS["hybrid_p99_ms"],
+        "zero_errors": all(r["errors"] == 0 for r in results.values()),
+    }
+    print(
+        json.dumps(
+            {
+                "benchmark": "serve",
+                "rows": args.rows,
+                "concurrency": CONCURRENCY,
+                "seconds_per_mode": args.seconds,
+                "cpus": os.cpu_count(),
+                "build_seconds": round(built, 1),
+                "server_ready_seconds": round(ready, 1),
+                "modes": results,
+                "merges_committed": len(merges),
+                "refreshes_applied": int(applied),
+                "refreshes_failed": int(failed),
+                "refresh_mean_seconds": round(refresh_sum / refresh_count, 3)
+                if refresh_count
+                else None,
+                "final_table_version": int(served_version),
+                "targets": TARGETS,
+                "targets_met": met,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""What the server answers from: one immutable ``Snapshot``, replaced whole by the refresher.
+
+A snapshot holds one version of the vectors (an ``IndexView``), the keyword
+index committed for that version, and the ``SemanticSearch`` whose encoder made
+the query side of those vectors. A query reads ``ServedTarget.current`` once and
+uses only that object, so its vector ranking, keyword ranking and query vector
+all come from one version and one model, whatever the refresher does meanwhile.
+
+The refresher follows the target's commits (``SemanticSearch.refresh``), turns
+what changed between two versions into keyword-index updates (rows of new
+files; keys gone), and swaps in the next snapshot with one assignment. A model
+change (``deltavec reembed``) makes the index refuse to refresh; the refresher
+then opens the target again, model included, and rebuilds the keyword index
+before the swap: no query ever pairs one model's query vector with another's rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from deltavec.errors import DeltavecError, ModelChangedError
+from deltavec.search.source_table import matching_keys, render, rows_for
+from deltavec.serve.batcher import QueryBatcher
+from deltavec.serve.keywords import KeywordIndex, KeywordView, key_id
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from deltavec.search.index import IndexView, Slots
+    from deltavec.search.semantic import SemanticSearch
+
+log = logging.getLogger(__name__)
+
+_FILE = "__file"
+# Filters remembered per snapshot (each holds up to one int64 per row).
+_CACHED_FILTERS = 32
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One version of everything a query reads. Never changed once published."""
+
+    search: SemanticSearch
+    view: IndexView
+    keywords: KeywordView | None  # None: the target names no source or template
+    model: str
+    batcher: QueryBatcher  # the model's; concurrent queries share its encode calls
+    # Filter -> slots, per source version: web clients repeat a few filters, and
+    # each costs a scan of the source and a join with the keys.
+    _filters: dict[tuple[str, int], Slots] = field(default_factory=dict, compare=False)
+    _filters_lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
+
+    @property
+    def version(self) -> int:
+        return self.view.version
+
+    def slots_where(self, where: str) -> Slots:
+        """The slots of this version's rows whose source row satisfies ``where``.
+
+        Raises:
+            SearchError: the filter does not parse or names a column the source lacks.
+        """
+        source = self.search.source
+        key = (where, int(source.version()))
+        with self._filters_lock:
+            cached = self._filters.get(key)
+        if cached is not None:
+            return cached
+        slots = self.view.slots_of(matching_keys(source, self.view.key_names, where))
+        with self._filters_lock:
+            while len(self._filters) >= _CACHED_FILTERS:
+                self._filters.pop(next(iter(self._filters)))
+            self._filters[key] = slots
+        return slots
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Query vectors from this snapshot's model (and its query prompt)."""
+        return self.batcher.embed(texts)
+
+
+@dataclass(frozen=True)
+class RefreshOutcome:
+    version: int
+    changed: bool
+    reopened: bool
+    keyword_updates: int
+    seconds: float
+
+
+class ServedTarget:
+    """The target as the server sees it: the current snapshot and how to make the next.
+
+    Args:
+        open_target: opens the target for search (``open_search`` with the
+            server's options); called again when the target changes model.
+    """
+
+    def __init__(self, open_target: Callable[[], SemanticSearch]) -> None:
+        self._open = open_target
+        self._refreshing = threading.Lock()
+        self.refreshed_at = time.time()
+        self.current = self._build(open_target())
+
+    def _build(self, search: SemanticSearch) -> Snapshot:
+        keywords = KeywordIndex() if search.source_path and search.template else None
+        self._keyword_index = keywords
+        view = search.index.view()
+        keyword_view = None
+        if keywords is not None:
+            keyword_view = keywords.apply(_texts(search, _keys_of(view)), ())
+        batcher = QueryBatcher(search.embed_many)
+        return Snapshot(search, view, keyword_view, search.index.model_identity, batcher)
+
+    def refresh(self) -> RefreshOutcome:
+        """Follow the target's new commits and publish the next snapshot.
+
+        Raises:
+            DeltavecError: the target cannot be read now; the current snapshot
+                stays in place and keeps answering.
+        """
+        with self._refreshing:
+            started = time.time()
+            old = self.current
+            try:
+                old.search.refresh()
+            except ModelChangedError as exc:
+                log.info("%s; loading the new model", exc)
+                self.current = self._build(self._open())
+                self.refreshed_at = started
+                keywords = self.current.keywords
+                return RefreshOutcome(
+                    self.current.version,
+                    True,
+                    True,
+                    keywords.documents if keywords else 0,
+                    time.time() - started,
+                )
+            if old.search.source_path:
+                # Filters and hit columns read the source: follow it too.
+                old.search.source.update_incremental()
+            view = old.search.index.view()
+            # Compared with what the snapshot holds, not with what this refresh
+            # read: a refresh that failed after the index moved on is completed here.
+            if view is old.view:
+                self.refreshed_at = started
+                return RefreshOutcome(view.version, False, False, 0, time.time() - started)
+            updates = 0
+            keyword_view = old.keywords
+            if self._keyword_index is not None:
+                upserted, deleted = changed_keys(old.view, view)
+                texts = _texts(old.search, upserted)
+                gone = [key_id(k.values()) for k in deleted.to_pylist()]
+                keyword_view = self._keyword_index.apply(texts, gone)
+                updates = len(texts) + len(gone)
+            self.current = Snapshot(old.search, view, keyword_view, old.model, old.batcher)
+            self.refreshed_at = started
+            return RefreshOutcome(view.version, True, False, updates, time.time() - started)
+
+    def run(self, every: float, stop: threading.Event, on_refresh: Callable[..., Any]) -> None:
+        """Refresh every ``every`` seconds until ``stop`` is set; failures are logged, not fatal."""
+        while not stop.wait(every):
+            try:
+                outcome = self.refresh()
+            except Exception as exc:  # the refresher must outlive any one failure
+                log.warning(
+                    "refresh failed, still serving version %d: %s",
+                    self.current.version,
+                    exc,
+                    exc_info=not isinstance(exc, DeltavecError),
+                )
+                on_refresh(None)
+                continue
+            on_refresh(outcome)
+
+
+def changed_keys(old: IndexView, new: IndexView) -> tuple[pa.Table, pa.Table]:
+    """(keys of rows that are new in ``new``, keys live in ``old`` but not in ``new``).
+
+    A row is new when its (key, data file) pair is: a MERGE's rewritten file
+    brings its untouched rows along, and the keyword index then sees their text
+    unchanged and skips them.
+    """
+    keys = new.key_names
+    before, after = _keys_and_files(old), _keys_and_files(new)
+    upserted = after.join(before, keys=[*keys, _FILE], join_type="left anti").select(keys)
+    deleted = before.select(keys).join(after.select(keys), keys=keys, join_type="left anti")
+    return upserted, deleted
+
+
+def _keys_and_files(view: IndexView) -> pa.Table:
+    import pyarrow as pa
+
+    live = view.live_keys()
+    files = np.concatenate([b.files for b in view.state.blocks]) if view.state.blocks else None
+    slots = live.column("__slot").to_numpy()
+    ids = files[slots] if files is not None else np.zeros(0, dtype=np.int32)
+    return live.select(view.key_names).append_column(_FILE, pa.array(ids))
+
+
+def _keys_of(view: IndexView) -> pa.Table:
+    return view.live_keys().select(view.key_names)
+
+
+def _texts(search: SemanticSearch, keys: pa.Table) -> dict[str, str | None]:
+    """key id -> the template rendered from the key's source row now (None: no row)."""
+    if keys.num_rows == 0:
+        return {}
+    names = keys.column_names
+    columns = search.template_columns
+    search.source.update_incremental()
+    found = rows_for(search.source, keys, columns)
+    out: dict[str, str | None] = {}
+    for key in keys.to_pylist():
+        values = tuple(key[n] for n in names)
+        row = found.get(values)
+        out[key_id(values)] = None if row is None else render(search.template or "", row)
+    return out
