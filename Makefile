@@ -12,7 +12,7 @@ DELTA_VERSION := $(shell sed -n 's/.*"delta-spark==\([0-9.]*\)".*/\1/p' pyprojec
 DELTA_JAR := $(HOME)/.m2/repository/io/delta/delta-spark_2.13/$(DELTA_VERSION)/delta-spark_2.13-$(DELTA_VERSION).jar
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-cluster test-gpu bench bench-search bench-serve bench-merge lint check-alerts typecheck setup jars clean
+.PHONY: demo test test-fast test-cluster test-gpu bench bench-search bench-serve bench-merge bench-freshness lint check-alerts typecheck setup jars clean
 
 setup: $(STAMP) jars
 
@@ -64,6 +64,10 @@ bench-serve: setup
 # MERGE cost against 10k, 100k and 1M-row targets (about 2 GB of disk, 20+ minutes).
 bench-merge: setup
 	$(BIN)/python benchmarks/merge_scaling.py
+
+# Commit-to-searchable latency of small commits against a running job (about 4 minutes).
+bench-freshness: setup
+	$(BIN)/python benchmarks/freshness.py
 
 lint: setup
 	$(BIN)/ruff check streaming tests benchmarks
