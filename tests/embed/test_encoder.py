@@ -179,7 +179,7 @@ def test_out_of_memory_splits_after_the_failed_pass_is_released(
     failed_passes: list[weakref.ref[torch.Tensor]] = []
     alive_at_retry: list[int] = []
 
-    def forward(ids: list[list[int]]) -> np.ndarray:
+    def forward(ids: list[list[int]], skip: int = 0) -> np.ndarray:
         gc.collect()
         alive_at_retry.append(sum(ref() is not None for ref in failed_passes))
         if len(ids) > 8:
@@ -187,7 +187,7 @@ def test_out_of_memory_splits_after_the_failed_pass_is_released(
             activations = torch.ones(len(ids), 1024)
             failed_passes.append(weakref.ref(activations))
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_forward(ids)
+        return real_forward(ids, skip)
 
     splitting._forward = forward  # type: ignore[method-assign]
     vectors, stats = splitting.encode(texts)
@@ -208,19 +208,19 @@ def test_a_transient_failure_fails_the_call_instead_of_the_row(
     texts = [f"sentence number {i}" for i in range(8)]
     real_encode = encoder.encode
 
-    def out_of_memory(batch: list[str]) -> Any:
+    def out_of_memory(batch: list[str], prompt: str = "") -> Any:
         if "sentence number 5" in batch:  # even alone: one row that does not fit
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_encode(batch)
+        return real_encode(batch, prompt=prompt)
 
     monkeypatch.setattr(encoder, "encode", out_of_memory)
     with pytest.raises(TransientEncodeError, match="CUDA out of memory"):
         encode_isolating_failures(encoder, texts)
 
-    def device_error(batch: list[str]) -> Any:
+    def device_error(batch: list[str], prompt: str = "") -> Any:
         if "sentence number 2" in batch:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real_encode(batch)
+        return real_encode(batch, prompt=prompt)
 
     monkeypatch.setattr(encoder, "encode", device_error)
     with pytest.raises(TransientEncodeError, match="illegal memory access"):
@@ -229,11 +229,11 @@ def test_a_transient_failure_fails_the_call_instead_of_the_row(
     # A failure that does not repeat is no verdict on the row: it gets its vector.
     calls = {"n": 0}
 
-    def fails_once(batch: list[str]) -> Any:
+    def fails_once(batch: list[str], prompt: str = "") -> Any:
         if "sentence number 6" in batch and calls["n"] < 2:
             calls["n"] += 1
             raise RuntimeError("worker hiccup")
-        return real_encode(batch)
+        return real_encode(batch, prompt=prompt)
 
     monkeypatch.setattr(encoder, "encode", fails_once)
     vectors, failures, _ = encode_isolating_failures(encoder, texts)
