@@ -4,10 +4,12 @@ Run as ``python -m tests.source_mutator SOURCE STOP_FILE LEDGER [SEED]``: until
 STOP_FILE exists it commits, every second or two, one of: new rows, new
 text for some rows, an edit of a column the template does not read, deletes, a
 MERGE that updates some keys and inserts others, an UPDATE that changes a row's
-key, or two commits in a row that both rewrite one key (so one micro-batch can
-read the key from two commits). It writes through ``deltalake``
-(no JVM), so the job under test is the only Spark on the machine. At the end it
-writes LEDGER: the text every live key should have, kept independently of Delta.
+key, two commits in a row that both rewrite one key (so one micro-batch can
+read the key from two commits), a blanking of a row's text (the job quarantines
+it) or new text for a blanked row (the job, or a ``quarantine retry``, embeds it
+again). It writes through ``deltalake`` (no JVM), so the job under test is the only
+Spark on the machine. At the end it writes LEDGER: the text every live key should
+have and the keys left blank, kept independently of Delta.
 """
 
 from __future__ import annotations
@@ -91,15 +93,40 @@ def mutate(source: str, stop_file: Path, ledger_path: Path, seed: int) -> None:
     }
     abstracts = {row["id"]: row["abstract"] for row in table.to_pyarrow_table().to_pylist()}
     next_id = max(live) + 1
+    blank: set[int] = set()
     counts: dict[str, int] = {}
     while not stop_file.exists():
         table = DeltaTable(source)
         op = rng.choices(
-            ["insert", "retext", "other_column", "delete", "merge", "rekey", "retext_twice"],
-            [3, 3, 1, 2, 2, 1, 1],
+            [
+                "insert",
+                "retext",
+                "other_column",
+                "delete",
+                "merge",
+                "rekey",
+                "retext_twice",
+                "blank",
+                "unblank",
+            ],
+            [3, 3, 1, 2, 2, 1, 1, 1, 1 if blank else 0],
         )[0]
         keys = rng.sample(sorted(live), min(len(live), rng.randint(1, 3)))
-        if op == "insert":
+        if op == "blank":
+            # Every column the template reads is null: quarantined as empty text.
+            table.update(predicate=f"id = {keys[0]}", updates={"title": "NULL", "abstract": "NULL"})
+            del live[keys[0]], abstracts[keys[0]]
+            blank.add(keys[0])
+        elif op == "unblank":
+            key = rng.choice(sorted(blank))
+            title, abstract = _text(rng), _text(rng)
+            table.update(
+                predicate=f"id = {key}",
+                updates={"title": _quote(title), "abstract": _quote(abstract)},
+            )
+            blank.discard(key)
+            live[key], abstracts[key] = f"{title} [SEP] {abstract}", abstract
+        elif op == "insert":
             ids = list(range(next_id, next_id + rng.randint(1, 5)))
             next_id += len(ids)
             titles = [_text(rng) for _ in ids]
@@ -158,7 +185,7 @@ def mutate(source: str, stop_file: Path, ledger_path: Path, seed: int) -> None:
         # About one commit every two seconds: a lively table, and a backlog the
         # job can drain between kills.
         time.sleep(rng.uniform(1.0, 3.0))
-    ledger_path.write_text(json.dumps({"live": live, "commits": counts}))
+    ledger_path.write_text(json.dumps({"live": live, "blank": sorted(blank), "commits": counts}))
 
 
 if __name__ == "__main__":

@@ -232,17 +232,26 @@ def test_compose_wires_job_prometheus_and_grafana_together() -> None:
         assert (REPO / source).exists(), f"{source} (mounted at {target}) does not exist"
     assert set(mounts.values()) >= DASHBOARD_FILES
 
-    # Prometheus scrapes the job service on the port the job serves metrics on.
+    # Prometheus scrapes the job service on the port the job serves metrics on,
+    # and the search service on the port its command serves, with its token.
     prometheus = yaml.safe_load(
         (REPO / mounts["/etc/prometheus/prometheus.yml"]).read_text(encoding="utf-8")
     )
-    targets = [
-        t
-        for job in prometheus["scrape_configs"]
-        for s in job["static_configs"]
-        for t in s["targets"]
-    ]
-    assert targets == [f"job:{MetricsConfig().port}"]
+    scrapes = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    targets = {
+        name: [t for s in job["static_configs"] for t in s["targets"]]
+        for name, job in scrapes.items()
+    }
+    command: list[str] = services["search"]["command"]  # type: ignore[assignment]
+    port = command[command.index("--port") + 1]
+    assert targets == {
+        "deltavec": [f"job:{MetricsConfig().port}"],
+        "deltavec-search": [f"search:{port}"],
+    }
+    token_file = scrapes["deltavec-search"]["authorization"]["credentials_file"]
+    assert token_file in " ".join(services["prometheus"]["entrypoint"])  # type: ignore[arg-type]
+    token = "DELTAVEC_SERVE_TOKEN"
+    assert services["prometheus"]["environment"][token] == services["search"]["environment"][token]  # type: ignore[index]
     assert all(rule in mounts for rule in prometheus["rule_files"])
     # Grafana's dashboard provider reads the folder the dashboard is mounted into,
     # and its datasource is the prometheus service.

@@ -114,25 +114,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     search.add_argument("text", help="what to search for")
     search.add_argument("-k", type=int, default=10, help="hits to show (default 10)")
-    search.add_argument("--table", help="target table path (default: target.path of --config)")
-    search.add_argument(
-        "-c",
-        "--config",
-        default=None,
-        help="TOML config naming the target and source "
-        "(default without --table: $DELTAVEC_CONFIG or conf/deltavec.toml)",
+    _target_args(
+        search,
+        config_names="the target and source",
+        source_for="for --where and the text column",
     )
-    search.add_argument("--source", help="source table path, for --where and the text column")
     search.add_argument("--where", help='SQL filter on source columns, e.g. "year >= 2020"')
-    search.add_argument("--model", help="load this model copy (its weights must match)")
-    search.add_argument(
-        "-o",
-        "--storage-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="deltalake storage option for cloud paths (repeatable)",
-    )
     search.add_argument("--json", action="store_true", help="print one JSON object")
     search.set_defaults(command=cmd_search)
 
@@ -144,13 +131,10 @@ def _parser() -> argparse.ArgumentParser:
         "127.0.0.1 unless told otherwise; another host needs a bearer token in "
         "$DELTAVEC_SERVE_TOKEN (serve.token_env).",
     )
-    serve.add_argument("--table", help="target table path (default: target.path of --config)")
-    serve.add_argument(
-        "-c",
-        "--config",
-        default=None,
-        help="TOML config naming the target and its [serve] settings "
-        "(default without --table: $DELTAVEC_CONFIG or conf/deltavec.toml)",
+    _target_args(
+        serve,
+        config_names="the target and its [serve] settings",
+        source_for="for filters, columns and keywords",
     )
     serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8080; 0: any free)")
@@ -160,9 +144,23 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds between refreshes from the target's log (default 5)",
     )
-    serve.add_argument("--source", help="source table path, for filters, columns and keywords")
-    serve.add_argument("--model", help="load this model copy (its weights must match)")
-    serve.add_argument(
+    serve.set_defaults(command=cmd_serve)
+    return parser
+
+
+def _target_args(parser: argparse.ArgumentParser, *, config_names: str, source_for: str) -> None:
+    """The arguments of the commands that read a target without Spark (search, serve)."""
+    parser.add_argument("--table", help="target table path (default: target.path of --config)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help=f"TOML config naming {config_names} "
+        "(default without --table: $DELTAVEC_CONFIG or conf/deltavec.toml)",
+    )
+    parser.add_argument("--source", help=f"source table path, {source_for}")
+    parser.add_argument("--model", help="load this model copy (its weights must match)")
+    parser.add_argument(
         "-o",
         "--storage-option",
         action="append",
@@ -170,8 +168,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="deltalake storage option for cloud paths (repeatable)",
     )
-    serve.set_defaults(command=cmd_serve)
-    return parser
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:

@@ -67,6 +67,11 @@ class TableRef(_Section):
         """How the table is shown to a person: its catalog name or its path."""
         return self.table or self.path or ""
 
+    @property
+    def sql_name(self) -> str:
+        """How Spark SQL names the table: its catalog name or ``delta.`path```."""
+        return self.table or f"delta.`{self.path}`"
+
 
 def _split_names(value: Any) -> Any:
     """Accept ``"id"``, ``"a,b"`` or ``["a", "b"]`` for a list of column names."""

@@ -133,6 +133,9 @@ def test_reembed_quarantines_what_the_new_model_fails_on_and_releases_what_it_em
     [failed] = read_target(spark, quarantine)
     assert (failed["key"], failed["reason"]) == ('{"id":4}', "encode_error")
     assert "NEW-POISON" in failed["value"]
+    # The swap keeps the checkpoint that owns the target, so the job goes on.
+    owner = spark.sql(f"DESCRIBE DETAIL delta.`{target}`").first()["properties"]
+    assert owner["deltavec.checkpoint"] == str(tmp_path / "checkpoint")
     # The consumer properties name the new model, so a search opens and answers.
     search = open_search(str(target))
     assert search.index.model_identity == report.model_to

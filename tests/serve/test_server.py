@@ -131,7 +131,8 @@ def test_embeddings_equal_open_search_embed(
 ) -> None:
     _, target, _ = tables
     texts = ["a gasket for the compressor", "ZQ7731", "The cat sat on the mat."]
-    expected = np.stack([open_search(str(target)).embed(t) for t in texts])
+    search = open_search(str(target))
+    expected = np.stack([search.embed(t) for t in texts])
 
     with serving(target) as (_, client):
         openai = client.post("/v1/embeddings", json={"input": texts, "model": "anything"})
@@ -144,6 +145,12 @@ def test_embeddings_equal_open_search_embed(
     body = openai.json()
     assert (body["object"], body["model"], len(body["data"])) == ("list", "anything", 3)
     assert [d["index"] for d in body["data"]] == [0, 1, 2]
+    # Usage counts what the model read: the query prompt, the text, special tokens.
+    read = sum(
+        map(len, search.encoder.tokenizer([search.query_prompt + t for t in texts])["input_ids"])
+    )
+    assert read > 3 * 2  # at least [CLS] and [SEP] around each text
+    assert body["usage"] == {"prompt_tokens": read, "total_tokens": read}
     # The server embeds concurrent texts in one batch (one torch thread): the same
     # vectors up to float32 rounding of the reordered sums.
     same = {"rtol": 0, "atol": 1e-6}

@@ -2,11 +2,14 @@
 
 The job runs as a user runs it (``python -m deltavec.cli run``) in its own process
 group; another process keeps inserting, re-texting, editing, deleting and merging
-rows of the source. The job is killed with SIGKILL at random moments (in start-up,
-between batches, and on purpose inside ``foreachBatch`` after the MERGE committed
-but before Spark's checkpoint did) and restarted each time. At the end the target
-must equal the source: no key missing, none extra, none twice, every vector from
-the key's latest text.
+rows of the source, blanking some (quarantined) and fixing them again. The job is
+killed with SIGKILL at random moments (in start-up, between batches, and on purpose
+inside ``foreachBatch`` after the MERGE committed but before Spark's checkpoint
+did) and restarted each time. ``deltavec quarantine retry`` runs too: beside the
+live stream (it must be refused: it needs the stream's lease) and between kills
+(it must take the dead job's lease and write). At the end the target must equal
+the source: no key missing, none extra, none twice, every vector from the key's
+latest text, and the quarantine must hold exactly the blanked keys.
 """
 
 from __future__ import annotations
@@ -67,6 +70,16 @@ def _start(config: Path, log: Path, faults: str | None) -> subprocess.Popen[byte
         )
 
 
+def _retry(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deltavec.cli", "quarantine", "retry", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+
+
 def _kill_group(job: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(job.pid, signal.SIGKILL)
@@ -103,6 +116,7 @@ def test_target_converges_to_the_source_through_repeated_sigkills(
     log = tmp_path / "job.log"
     log.touch()
     kills = {"start-up": 0, "after a batch": 0, "in a batch": 0}
+    retries = {"refused beside the stream": 0, "between kills": 0}
     try:
         # Kill moments follow the job's own progress, not the clock, so the test
         # means the same on a fast machine and a busy one. Three kinds, in turn:
@@ -121,12 +135,23 @@ def test_target_converges_to_the_source_through_repeated_sigkills(
                 deadline = time.monotonic() + (rng.uniform(2, 12) if kind == "start-up" else 300)
                 while time.monotonic() < deadline and job.poll() is None:
                     if kind == "after a batch" and _batches_committed(checkpoint) > committed:
+                        if retries["refused beside the stream"] < 2:
+                            # The stream holds the lease once it committed a batch.
+                            beside = _retry(config)
+                            assert beside.returncode != 0, beside.stdout[-2000:]
+                            assert "in use by another deltavec job" in beside.stderr
+                            assert job.poll() is None
+                            retries["refused beside the stream"] += 1
                         time.sleep(rng.uniform(0, 3))
                         break
                     time.sleep(0.2)
                 died_by_itself = job.poll() is not None
             finally:
                 _kill_group(job)
+            if kind == "start-up" and run % 6 == 3 and retries["between kills"] < 2:
+                between = _retry(config)
+                assert between.returncode == 0, between.stderr[-3000:]
+                retries["between kills"] += 1
             if kind == "in a batch":
                 assert died_by_itself, "no batch reached an injected fault in 300 s"
                 assert log.read_text(errors="replace").count("deltavec-fault: kill at") > fired
@@ -153,13 +178,21 @@ def test_target_converges_to_the_source_through_repeated_sigkills(
     )
     assert final.returncode == 0, final.stderr[-3000:]
 
+    source_rows = DeltaTable(str(source)).to_pyarrow_table().to_pylist()
     expected = {
         r["id"]: f"{r['title']} [SEP] {r['abstract']}"
-        for r in DeltaTable(str(source)).to_pyarrow_table().to_pylist()
+        for r in source_rows
+        if r["title"] is not None
     }
+    blank = sorted(r["id"] for r in source_rows if r["title"] is None)
     written = json.loads(ledger.read_text())
     # The mutator's own record and the source agree: the expectation is independent.
     assert {int(k): v for k, v in written["live"].items()} == expected
+    assert written["blank"] == blank
+    quarantined = sorted(
+        json.loads(r["key"])["id"]
+        for r in DeltaTable(str(tmp_path / "target_quarantine")).to_pyarrow_table().to_pylist()
+    )
     # As a JVM-free consumer reads it: delta-rs's scan applies the deletion vectors.
     scan = DeltaTable(str(target)).scan()
     rows = pa.RecordBatchReader.from_stream(scan).read_all().to_pylist()
@@ -186,10 +219,14 @@ def test_target_converges_to_the_source_through_repeated_sigkills(
         f"after_merge={log_text.count('kill at after_merge')}, "
         f"between_writes={log_text.count('kill at between_writes')}, "
         f"before_merge={log_text.count('kill at before_merge')}; "
-        f"source commits={written['commits']}; batches committed={_batches_committed(checkpoint)}"
+        f"source commits={written['commits']}; batches committed={_batches_committed(checkpoint)}; "
+        f"quarantine retries={retries}"
         f"\n  expected keys={len(expected)} target rows={len(rows)} missing={len(missing)} "
         f"extra={len(extra)} duplicate={duplicates} stale text={len(stale)} "
-        f"wrong vectors={len(wrong_vectors)} of {len(sample)} sampled"
+        f"wrong vectors={len(wrong_vectors)} of {len(sample)} sampled; "
+        f"blank keys={len(blank)} quarantined={len(quarantined)}"
     )
     assert (missing, extra, duplicates, stale, wrong_vectors) == ([], [], 0, [], [])
+    assert quarantined == blank
+    assert retries == {"refused beside the stream": 2, "between kills": 2}
     assert log_text.count("kill at after_merge") >= 2

@@ -3,8 +3,8 @@
 Each test drives the real job (real Spark, real Delta tables, the default model)
 through a scenario the kill test does not: a key-changing UPDATE, a null key that
 is updated and deleted, one key appended by two commits of one micro-batch, a
-model that runs out of memory, a key the target holds twice, and a quarantine
-retry beside a running job.
+model that runs out of memory, a key the target holds twice, a quarantine
+retry beside a running job, and a second checkpoint on the same target.
 """
 
 from __future__ import annotations
@@ -179,3 +179,48 @@ def test_a_key_written_twice_is_repaired_and_retry_waits_for_the_lease(
     rows = [r for r in read_target(spark, target) if r["id"] == 1]
     assert [r["text_hash"] for r in rows] == [_sha("Once again [SEP] a")]
     assert [r["key"] for r in _quarantine(spark, tmp_path)] == ['{"id":2}']
+
+
+def test_a_writer_on_another_checkpoint_is_refused_until_the_target_is_handed_over(
+    spark: Any, tmp_path: Path
+) -> None:
+    from deltavec.commands import quarantine
+    from deltavec.errors import TargetError
+
+    source, target = tmp_path / "source", tmp_path / "target"
+    config = load_config(write_config(tmp_path, source={"mode": "changes"}))
+    # A copied config that names a new checkpoint: its lease is not the owner's.
+    elsewhere = config.checkpoint.model_copy(update={"location": str(tmp_path / "elsewhere")})
+    copied = config.model_copy(update={"checkpoint": elsewhere})
+    write_rows(
+        spark,
+        source,
+        [
+            {"id": 1, "title": "Owned", "abstract": "a"},
+            {"id": 2, "title": None, "abstract": None},
+        ],
+    )
+    Job(config, spark).run(once=True)
+    spark.sql(f"UPDATE delta.`{source}` SET title = 'Fixed' WHERE id = 2")
+    before = sorted((r["id"], r["text_hash"]) for r in read_target(spark, target))
+
+    refused = f"target {target} is written by the job of checkpoint {tmp_path / 'checkpoint'}"
+    with pytest.raises(TargetError, match=refused) as job_error:
+        Job(copied, spark).run(once=True)
+    assert "UNSET TBLPROPERTIES ('deltavec.checkpoint')" in str(job_error.value)
+    with pytest.raises(TargetError, match=refused):
+        quarantine.retry(Job(copied, spark))
+    # Neither wrote: key 2 is still quarantined, key 1 untouched.
+    assert sorted((r["id"], r["text_hash"]) for r in read_target(spark, target)) == before
+    assert [r["key"] for r in _quarantine(spark, tmp_path)] == ['{"id":2}']
+
+    # The owner's job goes on; then the target is handed over as the refusal says.
+    Job(config, spark).run(once=True)
+    spark.sql(f"ALTER TABLE delta.`{target}` UNSET TBLPROPERTIES ('deltavec.checkpoint')")
+    spark.sql(f"UPDATE delta.`{source}` SET title = 'New owner' WHERE id = 1")
+    Job(copied, spark).run(once=True)
+    with pytest.raises(TargetError, match=f"written by the job of checkpoint {tmp_path}/elsewhere"):
+        Job(config, spark).run(once=True)
+    rows = sorted((r["id"], r["text_hash"]) for r in read_target(spark, target))
+    assert rows == [(1, _sha("New owner [SEP] a")), (2, _sha("Fixed [SEP] "))]
+    assert _quarantine(spark, tmp_path) == []

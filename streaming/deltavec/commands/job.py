@@ -190,6 +190,7 @@ class Job:
             key_fields=keys,
             model_identity=self.model_identity,
             settings=self.settings,
+            checkpoint=cfg.checkpoint.location,
         )
         target.check_quarantine(spark, cfg.target.quarantine)
         checkpoint = Checkpoint(spark, cfg.checkpoint.location)
@@ -205,6 +206,7 @@ class Job:
             settings=self.settings,
             consumer_properties=self.consumer_properties(),
             deletion_vectors=cfg.target.deletion_vectors,
+            checkpoint=cfg.checkpoint.location,
         )
         target.ensure_quarantine(spark, cfg.target.quarantine)
         checkpoint.write_notes(notes)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from deltavec.commands.job import Job
 from deltavec.runtime import tables
+from deltavec.sink import ownership
 from deltavec.source import stream
 from deltavec.source.changes import NULL_KEY
 
@@ -57,16 +58,20 @@ def retry(job: Job, *, reason: str | None = None) -> RetryReport:
     """Send the current source rows of quarantined keys through the sink again."""
 
     cfg = job.config
-    spark = job.spark
-    schema = stream.check_source(spark, cfg.source)
-    key_type = ", ".join(
-        f"`{f.name}` {f.dataType.simpleString()}" for f in stream.key_fields(schema, cfg.source.key)
-    )
-    job.load_model()
-    # The stream's own lease: a retry beside a running job could append a key the
-    # stream appends too (both see it missing from the target), leaving it twice.
+    # The stream's own lease, and the checkpoint that owns the target: a retry
+    # beside a running job could append a key the stream appends too (both see it
+    # missing from the target), leaving it twice. Taken first, so a retry beside a
+    # running job is refused before Spark starts.
     job.take_lease()
     try:
+        spark = job.spark
+        ownership.check(spark, cfg.target, cfg.checkpoint.location)
+        schema = stream.check_source(spark, cfg.source)
+        key_type = ", ".join(
+            f"`{f.name}` {f.dataType.simpleString()}"
+            for f in stream.key_fields(schema, cfg.source.key)
+        )
+        job.load_model()
         return _retry(job, reason=reason, key_type=key_type)
     finally:
         job.close()

@@ -59,6 +59,7 @@ from deltavec.config import DeltavecConfig, TableRef
 from deltavec.embed.balance import spread_by_length
 from deltavec.errors import CheckpointError, TargetError
 from deltavec.runtime import faults, tables
+from deltavec.sink import ownership
 from deltavec.sink.merge import Layout
 from deltavec.sink.quarantine import VALUE_CHARS
 from deltavec.sink.target import (
@@ -161,6 +162,7 @@ class Reembed:
                 f"target {cfg.target.name} does not exist, so there is nothing to re-embed; "
                 "start the job with the new model instead"
             )
+        ownership.check(spark, cfg.target, cfg.checkpoint.location)
         checkpoint = Checkpoint(spark, cfg.checkpoint.location)
         planned = checkpoint.last_planned_batch()
         offset = checkpoint.offset(planned) if planned is not None else None
@@ -340,7 +342,7 @@ class Reembed:
         properties[DIM_PROPERTY] = str(job.dim)
         view = "deltavec_reembed_rows"
         final.createOrReplaceTempView(view)
-        name = cfg.target.table or f"delta.`{cfg.target.path}`"
+        name = cfg.target.sql_name
         listed = ", ".join(f"'{_sql(k)}' = '{_sql(v)}'" for k, v in sorted(properties.items()))
         order = ", ".join(f"`{k}`" for k in keys)
         # Sorted by key in files of the job's size: the layout its MERGE relies on.

@@ -78,6 +78,13 @@ class SemanticSearch:
         vector: np.ndarray = self.embed_many([text])[0]
         return vector
 
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        """Tokens the model reads for these queries: prompt and special tokens
+        included, each text cut at the window (what OpenAI-style usage reports)."""
+        window = self.encoder.max_tokens
+        ids = self.encoder.tokenizer([self.query_prompt + t for t in texts])["input_ids"]
+        return sum(min(len(i), window) for i in ids)
+
     def embed_many(self, texts: Sequence[str]) -> np.ndarray:
         """Query vectors for several texts in one encode call, (len(texts), dim) float32."""
         vectors, _ = self.encoder.encode(list(texts), prompt=self.query_prompt)

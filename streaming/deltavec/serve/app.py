@@ -182,7 +182,9 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/embeddings")
     def embeddings(body: OpenAIEmbeddingsRequest) -> JSONResponse:
         snapshot = service.snapshot()
-        vectors = snapshot.embed(_bounded(body.texts, service.limits))
+        texts = _bounded(body.texts, service.limits)
+        vectors = snapshot.embed(texts)
+        tokens = snapshot.search.count_tokens(texts)
         data = []
         for i, vector in enumerate(vectors):
             value: Any = vector.tolist()
@@ -194,8 +196,7 @@ def create_app(service: Service) -> FastAPI:
                 "object": "list",
                 "data": data,
                 "model": body.model or snapshot.model,
-                # Token counts are not tracked per query; clients only display them.
-                "usage": {"prompt_tokens": 0, "total_tokens": 0},
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
 

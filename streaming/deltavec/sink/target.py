@@ -16,6 +16,7 @@ from deltavec.columns import DIM, EMBEDDED_AT, EMBEDDING, MODEL, SOURCE_VERSION,
 from deltavec.config import TableRef
 from deltavec.errors import TargetError
 from deltavec.runtime import tables
+from deltavec.sink import ownership
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -114,6 +115,7 @@ def ensure_target(
     settings: VectorSettings | None = None,
     consumer_properties: dict[str, str] | None = None,
     deletion_vectors: bool = True,
+    checkpoint: str | None = None,
 ) -> None:
     """Create the target if it is missing; refuse one this job cannot write.
 
@@ -124,13 +126,22 @@ def ensure_target(
         deletion_vectors: create the target with Delta deletion vectors. Set
             explicitly either way, so the table, not the platform's defaults, says
             whether they are on; ``target_deletion_vectors`` reads it back.
+        checkpoint: the checkpoint location that owns the target: recorded in a new
+            target, claimed in one that records none, refused if it records another.
 
     Raises:
         TargetError: the table exists with another schema, keys or model.
     """
     if check_target(
-        spark, ref, key_fields=key_fields, model_identity=model_identity, settings=settings
+        spark,
+        ref,
+        key_fields=key_fields,
+        model_identity=model_identity,
+        settings=settings,
+        checkpoint=checkpoint,
     ):
+        if checkpoint is not None:
+            ownership.claim(spark, ref, checkpoint)
         return
     _create(
         spark,
@@ -149,8 +160,16 @@ def ensure_target(
             # row groups would only make that slower.
             **({ROW_GROUP_PROPERTY: str(ROW_GROUP_BYTES)} if deletion_vectors else {}),
             **(consumer_properties or {}),
+            **(
+                {ownership.OWNER_PROPERTY: ownership.checkpoint_id(checkpoint)}
+                if checkpoint is not None
+                else {}
+            ),
         },
     )
+    if checkpoint is not None:
+        # Two jobs creating the target at once: createIfNotExists lets both through.
+        ownership.check(spark, ref, checkpoint)
 
 
 def target_deletion_vectors(spark: SparkSession, ref: TableRef, *, default: bool) -> bool:
@@ -195,10 +214,15 @@ def check_target(
     key_fields: list[StructField],
     model_identity: str,
     settings: VectorSettings | None = None,
+    checkpoint: str | None = None,
 ) -> bool:
     """Whether the target exists; raise TargetError if it exists but does not fit.
 
     Reads only; a job calls it before it writes anything anywhere.
+
+    Args:
+        checkpoint: the writer's checkpoint location; refused when the target
+            records another one (``sink/ownership.py``).
     """
     if not _exists_as_delta(spark, ref, "target"):
         return False
@@ -218,6 +242,8 @@ def check_target(
                 f"{wanted.dataType.simpleString()}"
             )
     properties = tables.properties(spark, ref)
+    if checkpoint is not None:
+        ownership.check_owner(ref, properties, checkpoint)
     recorded = properties.get(MODEL_PROPERTY)
     if recorded and recorded != model_identity:
         raise TargetError(mismatch(ref.name, recorded, model_identity, properties, settings))
