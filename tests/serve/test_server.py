@@ -116,6 +116,12 @@ def test_a_rare_identifier_is_found_by_hybrid_not_vector_and_deletes_leave_both_
         assert vector[0] != 4 and 4 in vector  # ranked, but below look-alikes
         assert keyword == [4]  # the one row holding the token
         assert hybrid[0] == 4
+        # A filter applies to the keyword ranking too, the second time as the first.
+        for _ in range(2):
+            kept = {**ask, "mode": "keyword", "where": "year >= 2020"}
+            assert ids(client.post("/search", json=kept)) == [4]
+            assert ids(client.post("/search", json={**kept, "where": "year < 2020"})) == []
+            assert ids(client.post("/search", json={**kept, "mode": "hybrid"}))[0] == 4
 
         # The job deletes the row's vector when the source row goes.
         DeltaTable(str(source)).delete("id = 4")

@@ -255,10 +255,7 @@ def run_search(snapshot: Snapshot, body: SearchRequest, limits: ServeLimits) -> 
             keys[kid] = found.key
     keyword: list[str] = []
     if body.mode != "vector" and snapshot.keywords is not None:
-        only = None
-        if rows is not None:
-            allowed = view.state.keys().take(rows.slots).select(names).to_pylist()
-            only = [key_id([row[n] for n in names]) for row in allowed]
+        only = snapshot.keyword_keys(rows) if rows is not None else None
         for khit in snapshot.keywords.search(body.query, depth, only=only):
             keyword.append(khit.key)
             scores.setdefault(khit.key, khit.score)

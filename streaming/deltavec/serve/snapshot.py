@@ -55,6 +55,7 @@ class Snapshot:
     # Filter -> slots, per source version: web clients repeat a few filters, and
     # each costs a scan of the source and a join with the keys.
     _filters: dict[tuple[str, int], Slots] = field(default_factory=dict, compare=False)
+    _keyword_keys: dict[int, tuple[Slots, list[str]]] = field(default_factory=dict, compare=False)
     _filters_lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
     @property
@@ -79,6 +80,29 @@ class Snapshot:
                 self._filters.pop(next(iter(self._filters)))
             self._filters[key] = slots
         return slots
+
+    def keyword_keys(self, rows: Slots) -> list[str]:
+        """The key ids (as the keyword index names them) of a filter's ``rows``.
+
+        Cached beside the filter's slots (``rows`` is the object ``slots_where``
+        cached): a filtered keyword or hybrid query would otherwise turn every
+        matching row's key into a Python string each time.
+        """
+        from deltavec.serve.keywords import key_id
+
+        with self._filters_lock:
+            cached = self._keyword_keys.get(id(rows))
+        if cached is not None and cached[0] is rows:
+            return cached[1]
+        names = self.view.key_names
+        allowed = self.view.state.keys().take(rows.slots).select(names).to_pylist()
+        ids = [key_id([row[n] for n in names]) for row in allowed]
+        with self._filters_lock:
+            while len(self._keyword_keys) >= _CACHED_FILTERS:
+                self._keyword_keys.pop(next(iter(self._keyword_keys)))
+            # The slots are kept with their ids, so id(rows) cannot be reused meanwhile.
+            self._keyword_keys[id(rows)] = (rows, ids)
+        return ids
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Query vectors from this snapshot's model (and its query prompt)."""
