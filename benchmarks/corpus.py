@@ -79,3 +79,13 @@ def mixed_texts(n_sentences: int, n_paragraphs: int, *, seed: int = 0) -> list[s
     texts += paragraphs(short, n_paragraphs, seed=seed)
     random.Random(seed).shuffle(texts)
     return texts
+
+
+def sts_dev_pairs() -> list[tuple[float, str, str]]:
+    """(gold score, sentence1, sentence2) of the 1,500 STS-B dev pairs; [] without the data."""
+    data = shared_data_dir()
+    if data is None:
+        return []
+    with (data / "stsbenchmark" / "sts-dev.csv").open(encoding="utf-8") as fh:
+        rows = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        return [(float(row[4]), row[5], row[6]) for row in rows]

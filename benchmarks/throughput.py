@@ -1,6 +1,6 @@
-"""``make bench``: five ways to embed the same texts on this machine, side by side.
+"""``make bench``: the ways to embed the same texts on this machine, side by side.
 
-Variants, all on the CPU with the default model (all-MiniLM-L6-v2), fp32:
+Variants, all on the CPU with the default model (all-MiniLM-L6-v2), fp32 unless named:
 
 * ``st_encode``: sentence-transformers ``encode`` in this process, its defaults plus
   the best batch size of a quick sweep (the peer a user would pick);
@@ -11,7 +11,16 @@ Variants, all on the CPU with the default model (all-MiniLM-L6-v2), fp32:
   sentence-transformers, Delta in, Delta out;
 * ``pipeline``: deltavec's whole streaming job (Delta source -> micro-batch ->
   model -> MERGE into the target), in steady state: a first micro-batch loads the
-  model in every Python worker and is timed separately.
+  model in every Python worker and is timed separately;
+* ``encoder_int8`` and ``pipeline_int8``: the same with ``model.precision = "int8"``;
+* ``st_onnx_int8``: sentence-transformers on ONNX Runtime with its int8 export, the
+  int8 peer a CPU user would pick (``benchmarks/peers.py``), best batch size.
+
+The STS-B dev Spearman of the encoder in fp32 and in int8
+(``stsb_dev_spearman_fp32``/``_int8``) and the least cosine of each int8 vector to
+its fp32 one (``int8_min_cosine_vs_fp32``) come with them. ``--int8-quick`` (``make
+bench-int8``) runs only ``encoder``, ``encoder_int8`` and ``st_onnx_int8`` on 2,000
+texts, interleaved, in under 5 minutes.
 
 Every variant runs ``--rounds`` times and keeps its best round, so each side of a
 ratio gets the same treatment on a machine whose speed drifts by a few percent
@@ -29,7 +38,7 @@ The default 8,000 texts make the pipeline's one micro-batch about a minute of
 model work on 2 cores, the least ``conf/TUNING.md`` recommends: below that, the
 fixed cost of a micro-batch (MERGE, commits) weighs on the pipeline's rate.
 
-The last line printed is one JSON object: rows per second per variant, the four
+The last line printed is one JSON object: rows per second per variant, the
 ratios, and the details behind them.
 """
 
@@ -58,12 +67,26 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(REPO / "streaming"), str(REPO), os.environ.get("PYTHONPATH", "")) if p
 )
 
-from benchmarks.corpus import mixed_texts, sentences  # noqa: E402
+from benchmarks.corpus import mixed_texts, sentences, sts_dev_pairs  # noqa: E402
 
 ST_BATCH_SIZES = (16, 32, 64, 128)
 PEER_ARROW_BATCH = 10_000  # Spark's default spark.sql.execution.arrow.maxRecordsPerBatch
 WARMUP_ROWS = 64
 MIB = 1 << 20
+VARIANTS = (
+    "st_encode",
+    "encoder",
+    "encoder_bf16",
+    "encoder_int8",
+    "st_onnx_int8",
+    "controls",
+    "stsb",
+    "naive_udf",
+    "predict_batch_udf",
+    "pipeline",
+    "pipeline_int8",
+    "rss",
+)
 _T = TypeVar("_T")
 
 
@@ -91,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(args.skip)
     with tempfile.TemporaryDirectory(prefix="deltavec-bench-", dir=args.work_dir) as tmp:
         work = Path(tmp)
-        local = InProcess(texts, model_path, skip, result)
+        local = InProcess(texts, model_path, skip, result, work)
         local.round(controls=True)
+        local.sts_spearman()
         peers: dict[str, Callable[[], Any]] = {"naive_udf": lambda: _naive(model_path)}
         peers["predict_batch_udf"] = lambda: _pbu(model_path, int(result.get("st_batch_size", 32)))
         for name, udf in peers.items():
@@ -115,6 +139,17 @@ def main(argv: list[str] | None = None) -> int:
                 result.update(max(runs, key=lambda run: run["pipeline"]))
                 result["pipeline_rounds"] = [run["pipeline"] for run in runs]
                 _note_load(result, "pipeline")
+        if "pipeline_int8" not in skip:
+            with _spark(cores, work) as spark:
+                runs = [
+                    pipeline(
+                        spark, _round(work, r), texts, cores, args.micro_batches, precision="int8"
+                    )
+                    for r in range(args.rounds)
+                ]
+                result.update(max(runs, key=lambda run: run["pipeline_int8"]))
+                result["pipeline_int8_rounds"] = [run["pipeline_int8"] for run in runs]
+                _note_load(result, "pipeline_int8")
         # The other rounds run right after the Spark variants, so a change in the
         # machine's load between the first round and the Spark runs evens out.
         for _ in range(args.rounds - 1):
@@ -162,8 +197,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--skip",
         nargs="*",
         default=[],
-        choices=("st_encode", "encoder", "naive_udf", "predict_batch_udf", "pipeline", "rss"),
+        choices=VARIANTS,
         help="variants to leave out (their ratios are then missing)",
+    )
+    parser.add_argument(
+        "--int8-quick",
+        action="store_true",
+        help="make bench-int8: only encoder, encoder_int8 and st_onnx_int8 (and STS-B), "
+        "on 1,500 sentences and 500 paragraphs",
     )
     parser.add_argument("--work-dir", default=None, help="where the temporary tables go")
     args = parser.parse_args(argv)
@@ -171,6 +212,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.sentences *= 4
         args.paragraphs *= 4
         args.rss_texts = "mix"
+    if args.int8_quick:
+        if (args.sentences, args.paragraphs) == (6000, 2000):  # the defaults: 2,000 texts
+            args.sentences, args.paragraphs = 1500, 500
+        keep = {"encoder", "encoder_int8", "st_onnx_int8", "stsb"}
+        args.skip = sorted(set(args.skip) | (set(VARIANTS) - keep))
     return args
 
 
@@ -178,7 +224,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 class InProcess:
-    """``st_encode`` and ``encoder`` (plus ``encoder_bf16``) in this process.
+    """``st_encode``, ``encoder``, ``encoder_bf16``, ``encoder_int8`` and ``st_onnx_int8``.
 
     Each ``round`` runs every variant once and keeps each one's best time. The
     first round also runs the one-core controls: both libraries with one thread,
@@ -186,7 +232,12 @@ class InProcess:
     """
 
     def __init__(
-        self, texts: list[str], model_path: str, skip: set[str], result: dict[str, Any]
+        self,
+        texts: list[str],
+        model_path: str,
+        skip: set[str],
+        result: dict[str, Any],
+        work: Path,
     ) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
@@ -198,25 +249,45 @@ class InProcess:
         self.best_seconds: dict[str, float] = {}
         self.runs: dict[str, Callable[[], object]] = {}
         self.controls: dict[str, Callable[[], object]] = {}
+        self.encoders: dict[str, Encoder] = {}
+        self.skip = skip
         result["torch_threads"] = torch.get_num_threads()
+        reference = None
         if "encoder" not in skip:
             started = time.perf_counter()
             encoder = Encoder(EncoderSpec(model=model_path, device="cpu"))
             result["model_load_seconds"] = round(time.perf_counter() - started, 1)
-            bf16 = Encoder(EncoderSpec(model=model_path, device="cpu", precision="bf16"))
-            _, stats = encoder.encode(texts)  # warm-up, and the padding/tokenizer report
+            self.encoders["fp32"] = encoder
+            # Warm-up, the padding/tokenizer report, and the fp32 vectors int8 is held to.
+            reference, stats = encoder.encode(texts)
             result["tokens"] = stats.real_tokens
             result["padding_ratio"] = round(stats.padding_ratio, 4)
             result["tokenize_share"] = round(
                 stats.tokenize_seconds / (stats.tokenize_seconds + stats.forward_seconds), 4
             )
             result["encoder_lanes"] = encoder.lanes
-            one_lane = _one_thread(
-                lambda: Encoder(EncoderSpec(model=model_path, device="cpu", threads=1))
-            )
             self.runs["encoder"] = lambda: encoder.encode(texts)
+            if "controls" not in skip:
+                one_lane = _one_thread(
+                    lambda: Encoder(EncoderSpec(model=model_path, device="cpu", threads=1))
+                )
+                self.controls["encoder_1_thread"] = lambda: _one_thread(
+                    lambda: one_lane.encode(texts)
+                )
+        if "encoder_bf16" not in skip:
+            bf16 = Encoder(EncoderSpec(model=model_path, device="cpu", precision="bf16"))
             self.runs["encoder_bf16"] = lambda: bf16.encode(texts)
-            self.controls["encoder_1_thread"] = lambda: _one_thread(lambda: one_lane.encode(texts))
+        if "encoder_int8" not in skip:
+            started = time.perf_counter()
+            int8 = Encoder(EncoderSpec(model=model_path, device="cpu", precision="int8"))
+            result["int8_model_load_seconds"] = round(time.perf_counter() - started, 1)
+            self.encoders["int8"] = int8
+            vectors, _ = int8.encode(texts)
+            if reference is not None:
+                result["int8_min_cosine_vs_fp32"] = _min_cosine(vectors, reference)
+            self.runs["encoder_int8"] = lambda: int8.encode(texts)
+        if "st_onnx_int8" not in skip:
+            self._onnx_peer(model_path, work, reference)
         if "st_encode" not in skip:
             model = SentenceTransformer(model_path, device="cpu")
             model.encode(texts[:64])
@@ -230,9 +301,50 @@ class InProcess:
             result["st_batch_sweep"] = sweep
             result["st_batch_size"] = best
             self.runs["st_encode"] = lambda: model.encode(texts, batch_size=best)
-            self.controls["st_encode_1_thread"] = lambda: _one_thread(
-                lambda: model.encode(texts, batch_size=best)
+            if "controls" not in skip:
+                self.controls["st_encode_1_thread"] = lambda: _one_thread(
+                    lambda: model.encode(texts, batch_size=best)
+                )
+
+    def _onnx_peer(self, model_path: str, work: Path, reference: Any) -> None:
+        from benchmarks.peers import st_onnx_int8
+
+        try:
+            encode, how = st_onnx_int8(model_path, work)
+        except ImportError as exc:
+            self.result["st_onnx_int8_unavailable"] = str(exc).splitlines()[0]
+            return
+        texts = self.texts
+        sample = texts[:: max(1, len(texts) // 400)]
+        encode(sample[:64], 32)
+        sweep = {}
+        for size in ST_BATCH_SIZES:
+            started = time.perf_counter()
+            encode(sample, size)
+            sweep[size] = round(len(sample) / (time.perf_counter() - started), 1)
+        best = max(sweep, key=lambda size: sweep[size])
+        self.result["st_onnx_int8_how"] = how
+        self.result["st_onnx_int8_batch_sweep"] = sweep
+        self.result["st_onnx_int8_batch_size"] = best
+        if reference is not None:
+            self.result["st_onnx_int8_min_cosine_vs_fp32"] = _min_cosine(
+                encode(texts, best), reference
             )
+        self.runs["st_onnx_int8"] = lambda: encode(texts, best)
+
+    def sts_spearman(self) -> None:
+        """STS-B dev Spearman of each encoder (cosine of the pair against the gold score)."""
+        pairs = sts_dev_pairs()
+        if "stsb" in self.skip or not pairs:
+            return
+        from scipy.stats import spearmanr
+
+        gold = [score for score, _, _ in pairs]
+        for name, encoder in self.encoders.items():
+            first, _ = encoder.encode([s1 for _, s1, _ in pairs])
+            second, _ = encoder.encode([s2 for _, _, s2 in pairs])
+            rho = spearmanr((first * second).sum(axis=1), gold).statistic
+            self.result[f"stsb_dev_spearman_{name}"] = round(float(rho), 4)
 
     def round(self, *, controls: bool) -> None:
         for name, run in (self.runs | self.controls if controls else self.runs).items():
@@ -244,6 +356,15 @@ class InProcess:
                 self.best_seconds[name] = seconds
                 self.result[name] = round(len(self.texts) / seconds, 1)
                 _note_load(self.result, name)
+
+
+def _min_cosine(vectors: Any, reference: Any) -> float:
+    """The least cosine between a row of ``vectors`` and the same row of ``reference``."""
+    import numpy as np
+
+    dots = (vectors * reference).sum(axis=1)
+    norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1)
+    return round(float((dots / norms).min()), 4)
 
 
 def _one_thread(fn: Callable[[], _T]) -> _T:
@@ -337,7 +458,9 @@ def peer_to_delta(
     return round(len(texts) / seconds, 1)
 
 
-def _job_config(work: Path, name: str, cores: int, files_per_batch: int) -> Any:
+def _job_config(
+    work: Path, name: str, cores: int, files_per_batch: int, precision: str = "auto"
+) -> Any:
     from deltavec.config import DeltavecConfig
 
     return DeltavecConfig(
@@ -349,13 +472,20 @@ def _job_config(work: Path, name: str, cores: int, files_per_batch: int) -> Any:
         },
         target={"path": str(work / f"{name}_target")},
         checkpoint={"location": str(work / f"{name}_checkpoint")},
+        model={"precision": precision},
         spark={"master": f"local[{cores}]"},
         metrics={"port": 0},
     )
 
 
 def pipeline(
-    spark: Any, work: Path, texts: list[str], cores: int, micro_batches: int
+    spark: Any,
+    work: Path,
+    texts: list[str],
+    cores: int,
+    micro_batches: int,
+    *,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """The streaming job, Delta -> MERGE, in steady state.
 
@@ -364,16 +494,18 @@ def pipeline(
     The first micro-batch is the warm-up (it loads the model in every Python
     worker); the clock runs from its end to the end of the last one, so it covers
     every benchmark micro-batch with Spark's own offset and commit bookkeeping in
-    between, as in a running job, and no start-up work.
+    between, as in a running job, and no start-up work. With ``precision="int8"``
+    the keys are ``pipeline_int8...``.
     """
     from deltavec.commands.job import Job
     from deltavec.sink.batch import BatchReport
 
-    source = work / "pipeline_source"
+    name = "pipeline" if precision == "auto" else f"pipeline_{precision}"
+    source = work / f"{name}_source"
     warmup = [f"warm-up text number {i}" for i in range(WARMUP_ROWS)]
     _write_source(spark, source, warmup, files=cores, first_id=len(texts))
     _write_source(spark, source, texts, files=cores * max(1, micro_batches))
-    job = Job(_job_config(work, "pipeline", cores, files_per_batch=cores), spark)
+    job = Job(_job_config(work, name, cores, files_per_batch=cores, precision=precision), spark)
     ends: list[tuple[float, BatchReport]] = []
     job.on_batch(lambda report: ends.append((time.perf_counter(), report)))
     started = time.perf_counter()
@@ -383,11 +515,11 @@ def pipeline(
     query = job.start(once=True)
     query.awaitTermination()
     if query.exception() is not None:
-        raise RuntimeError(f"pipeline query failed: {query.exception()}")
+        raise RuntimeError(f"{name} query failed: {query.exception()}")
     embedded = [report.embedded for _, report in ends]
     if len(ends) < 2 or embedded[0] != WARMUP_ROWS or sum(embedded[1:]) != len(texts):
         raise RuntimeError(
-            f"pipeline embedded {embedded} rows per micro-batch, expected "
+            f"{name} embedded {embedded} rows per micro-batch, expected "
             f"{WARMUP_ROWS} first and {len(texts)} after"
         )
     seconds = ends[-1][0] - ends[0][0]
@@ -395,14 +527,14 @@ def pipeline(
     for _, report in ends[1:]:
         for phase, value in report.seconds.items():
             phases[phase] = round(phases.get(phase, 0.0) + value, 1)
-    _progress(f"pipeline: {len(texts) / seconds:.1f} rows/s")
+    _progress(f"{name}: {len(texts) / seconds:.1f} rows/s")
     return {
-        "pipeline": round(len(texts) / seconds, 1),
-        "pipeline_seconds": round(seconds, 1),
-        "pipeline_micro_batches": len(ends) - 1,
-        "pipeline_phase_seconds": phases,
-        "pipeline_first_batch_seconds": round(ends[0][0] - started, 1),
-        "pipeline_prepare_seconds": round(prepare_seconds, 1),
+        name: round(len(texts) / seconds, 1),
+        f"{name}_seconds": round(seconds, 1),
+        f"{name}_micro_batches": len(ends) - 1,
+        f"{name}_phase_seconds": phases,
+        f"{name}_first_batch_seconds": round(ends[0][0] - started, 1),
+        f"{name}_prepare_seconds": round(prepare_seconds, 1),
     }
 
 
@@ -478,6 +610,9 @@ def _ratios(result: dict[str, Any]) -> None:
         "ratio_pipeline_vs_naive_udf": ("pipeline", "naive_udf"),
         "ratio_pipeline_vs_predict_batch_udf": ("pipeline", "predict_batch_udf"),
         "ratio_encoder_vs_st_encode": ("encoder", "st_encode"),
+        "ratio_int8_vs_fp32": ("encoder_int8", "encoder"),
+        "ratio_int8_vs_st_onnx_int8": ("encoder_int8", "st_onnx_int8"),
+        "ratio_pipeline_int8_vs_encoder_int8": ("pipeline_int8", "encoder_int8"),
     }
     for key, (top, bottom) in pairs.items():
         if top in result and bottom in result:
@@ -489,11 +624,14 @@ def _print_table(result: dict[str, Any]) -> None:
         ("st_encode", f"sentence-transformers encode, batch_size={result.get('st_batch_size')}"),
         ("encoder", f"deltavec encoder, {result.get('encoder_lanes')} lanes, fp32"),
         ("encoder_bf16", "deltavec encoder, precision=bf16 (reference, not a target)"),
+        ("encoder_int8", "deltavec encoder, precision=int8"),
+        ("st_onnx_int8", f"ONNX Runtime int8, batch_size={result.get('st_onnx_int8_batch_size')}"),
         ("st_encode_1_thread", "control: sentence-transformers on one core"),
         ("encoder_1_thread", "control: deltavec encoder on one core"),
         ("naive_udf", "pandas UDF, model loaded per call, 20-row chunks -> Delta"),
         ("predict_batch_udf", f"predict_batch_udf(batch_size={result.get('st_batch_size')})"),
         ("pipeline", f"deltavec job, Delta -> MERGE, {result.get('pipeline_micro_batches')} mb"),
+        ("pipeline_int8", "deltavec job, precision=int8"),
     ]
     print()
     print(f"{result['rows']} texts ({result['texts']}), {result.get('tokens', '?')} tokens")
@@ -503,7 +641,8 @@ def _print_table(result: dict[str, Any]) -> None:
     for name, how in rows:
         if name in result:
             print(f"{name:<19}{result[name]:>9.1f}{loads.get(name, ''):>6}  {how}")
-    for key in (k for k in result if k.startswith("ratio_")):
+    figures = ("ratio_", "stsb_", "int8_min", "st_onnx_int8_min")
+    for key in (k for k in result if k.startswith(figures)):
         print(f"{key:<38}{result[key]:>7.3f}")
     if "worker_peak_rss_mib" in result:
         print(

@@ -53,6 +53,10 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ({"source": {"template": "no fields"}}, "source.template: the template names no column"),
         ({"source": {"template": "{title!r}"}}, "must be a plain column name"),
         ({"source": {"table": "db.papers"}}, "set exactly one of 'path' or 'table'"),
+        (
+            {"model": {"device": "cuda", "precision": "int8"}},
+            "model: precision 'int8' runs on a CPU only; set device = 'cpu'",
+        ),
     ],
 )
 def test_bad_values_name_the_key(

@@ -66,9 +66,20 @@ def test_target_vectors_equal_sentence_transformers(
     assert min(cosine) >= 0.9999
 
 
-def test_sts_quality_survives_the_pipeline(
+def _sts_spearman(spark: Any, target: Path, pairs: list[tuple[float, str, str]]) -> float:
+    vectors = {r["id"]: np.asarray(r["embedding"]) for r in read_target(spark, target)}
+    cosine = [float(vectors[2 * i] @ vectors[2 * i + 1]) for i in range(len(pairs))]
+    return float(spearmanr(cosine, [score for score, _, _ in pairs]).statistic)
+
+
+def test_sts_quality_survives_the_pipeline_in_fp32_and_int8(
     spark: Any, tmp_path: Path, sts_pairs: list[tuple[float, str, str]]
 ) -> None:
+    """One source, two targets: fp32 matches the reference, int8 stays within 0.005 of it,
+    and the fp32 target refuses the int8 job (one source write for all three checks)."""
+    from deltavec.errors import TargetError
+    from deltavec.search import open_search
+
     rows = []
     for i, (_, s1, s2) in enumerate(sts_pairs):
         rows.append({"id": 2 * i, "sentence": s1})
@@ -76,13 +87,43 @@ def test_sts_quality_survives_the_pipeline(
     write_rows(spark, tmp_path / "source", rows, schema="id long, sentence string")
     config = load_config(write_config(tmp_path, source={"template": "{sentence}"}))
     summary = Job(config, spark).run(once=True)
-
-    vectors = {r["id"]: np.asarray(r["embedding"]) for r in read_target(spark, tmp_path / "target")}
-    cosine = [float(vectors[2 * i] @ vectors[2 * i + 1]) for i in range(len(sts_pairs))]
-    gold = [score for score, _, _ in sts_pairs]
-    rho = spearmanr(cosine, gold).statistic
+    rho = _sts_spearman(spark, tmp_path / "target", sts_pairs)
     assert summary.embedded == len(rows)
     assert abs(rho - STS_REFERENCE_SPEARMAN) <= 0.001, rho
+
+    int8_on_fp32 = load_config(
+        write_config(tmp_path, source={"template": "{sentence}"}, model={"precision": "int8"})
+    )
+    with pytest.raises(TargetError) as refused:
+        Job(int8_on_fp32, spark).prepare()
+    assert str(refused.value) == (
+        f"target {tmp_path / 'target'} was embedded with model.precision = floating point "
+        "(fp32, or fp16/bf16 on a GPU), but this job uses 'int8'; run 'deltavec reembed' to "
+        "re-embed it with the new settings, or write to a new target"
+    )
+
+    int8_path = tmp_path / "target_int8"
+    int8_config = load_config(
+        write_config(
+            tmp_path,
+            source={"template": "{sentence}"},
+            model={"precision": "int8"},
+            target={"path": str(int8_path)},
+            checkpoint={"location": str(tmp_path / "checkpoint_int8")},
+        )
+    )
+    int8_summary = Job(int8_config, spark).run(once=True)
+    int8_rho = _sts_spearman(spark, int8_path, sts_pairs)
+    assert int8_summary.embedded == len(rows)
+    assert int8_rho >= 0.862 and abs(int8_rho - rho) <= 0.005, (int8_rho, rho)
+    # Search embeds queries with the target's precision: a sentence finds its own row.
+    search = open_search(str(int8_path))
+    assert search.encoder.spec.precision == "int8"
+    sentences = [r["sentence"] for r in rows]
+    unique = [r for r in rows if sentences.count(r["sentence"]) == 1][:5]
+    assert [search.search(r["sentence"], k=1)[0].key for r in unique] == [
+        {"id": r["id"]} for r in unique
+    ]
 
 
 def test_replayed_batch_after_a_crash_between_merge_and_checkpoint_changes_nothing(

@@ -154,6 +154,8 @@ class Job:
             max_chunks=m.max_chunks if chunk else None,
             document_prompt=self.document_prompt,
             template=self.config.source.template,
+            # Only int8 is recorded: floating-point targets keep the identity they had.
+            precision="int8" if m.precision == "int8" else None,
         )
         weights = models.model_identity(m.name, spec.model, spec.revision)
         self.model_identity = models.vector_identity(weights, self.settings)

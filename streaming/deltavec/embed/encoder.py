@@ -48,7 +48,8 @@ class EncoderSpec:
         max_tokens: tokens kept per text (window length); None for the model's limit.
         batch_tokens: padded tokens per forward pass; None picks one for the device.
         device: "auto", "cpu", "cuda" or "cuda:N".
-        precision: "auto", "fp32", "fp16" or "bf16"; auto is bf16/fp16 on a GPU, fp32 on a CPU.
+        precision: "auto", "fp32", "fp16", "bf16" or "int8"; auto is bf16/fp16 on a GPU,
+            fp32 on a CPU; int8 (CPU only) quantizes the Linear layers (``embed/int8.py``).
         long_text: "truncate" keeps the first window; "chunk" averages all windows.
         chunk_overlap: tokens shared by neighbouring windows in chunk mode.
         max_chunks: windows per text at most in chunk mode.
@@ -126,6 +127,11 @@ class Encoder:
 
         self.spec = spec
         self.device = _pick_device(spec.device)
+        if spec.precision == "int8" and self.device != "cpu":
+            raise ModelError(
+                f"model.precision = 'int8' runs on a CPU only, and this process would run on "
+                f"{self.device}; set model.device = 'cpu', or use fp16 or bf16 on a GPU"
+            )
         self.lanes = 1
         self._lanes: _CpuLanes | None = None
         if self.device == "cpu":
@@ -157,6 +163,12 @@ class Encoder:
         # fp16 or bf16); autocast picks the arithmetic, so `precision` means what it says.
         self.model.to(dtype=torch.float32)
         self.model.eval()
+        if spec.precision == "int8":
+            from deltavec.embed.int8 import quantize_linear_layers
+
+            # From the fp32 weights, on the worker, in well under a second for a
+            # MiniLM: nothing to export or cache.
+            quantize_linear_layers(self.model)
         self.prompts: dict[str, str] = dict(getattr(self.model, "prompts", None) or {})
         self.normalizes = any(type(m).__name__ == "Normalize" for m in self.model)
         # The tokenizer itself lowercases (sentence-transformers installs a normaliser).
@@ -588,27 +600,24 @@ def _load_sentence_transformer(spec: EncoderSpec, device: str) -> Any:
         # Pickle-based .bin weights can run code when loaded; a folder that has
         # safetensors must use them.
         model_kwargs["use_safetensors"] = True
+
+    def load(kwargs: dict[str, Any]) -> Any:
+        return SentenceTransformer(
+            spec.model,
+            device=device,
+            trust_remote_code=spec.trust_remote_code,
+            local_files_only=True,
+            model_kwargs=kwargs,
+        )
+
     try:
         try:
-            return SentenceTransformer(
-                spec.model,
-                device=device,
-                trust_remote_code=spec.trust_remote_code,
-                local_files_only=True,
-                model_kwargs=model_kwargs,
-            )
+            return load(model_kwargs)
         except ValueError as exc:
             if "attention" not in str(exc).lower():
                 raise
             # An architecture without an SDPA kernel runs its own attention.
-            del model_kwargs["attn_implementation"]
-            return SentenceTransformer(
-                spec.model,
-                device=device,
-                trust_remote_code=spec.trust_remote_code,
-                local_files_only=True,
-                model_kwargs=model_kwargs,
-            )
+            return load({k: v for k, v in model_kwargs.items() if k != "attn_implementation"})
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(_load_failure(spec.model, exc)) from exc
 
@@ -658,7 +667,8 @@ def _default_batch_tokens(device: str) -> int:
 def _pick_dtype(precision: str, device: str) -> torch.dtype:
     import torch
 
-    if precision == "fp32" or (precision == "auto" and not device.startswith("cuda")):
+    # int8 quantizes the Linear layers; what stays in floating point runs in fp32.
+    if precision in ("fp32", "int8") or (precision == "auto" and not device.startswith("cuda")):
         return torch.float32
     if precision == "fp16":
         return torch.float16

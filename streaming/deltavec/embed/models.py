@@ -116,6 +116,10 @@ class VectorSettings:
         max_chunks: windows per text at most; None unless chunking.
         document_prompt: the text put before every text the job embeds.
         template: the source template the texts are rendered from.
+        precision: "int8" for a model whose Linear layers were quantized; None for
+            floating point (fp32 on a CPU, fp16/bf16 autocast on a GPU), which every
+            target written before int8 existed holds. Only "int8" enters the JSON
+            and the fingerprint, so those targets keep their identity.
     """
 
     max_tokens: int
@@ -126,9 +130,13 @@ class VectorSettings:
     max_chunks: int | None
     document_prompt: str
     template: str
+    precision: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        recorded = asdict(self)
+        if recorded["precision"] is None:
+            del recorded["precision"]
+        return json.dumps(recorded, sort_keys=True, separators=(",", ":"))
 
     @property
     def fingerprint(self) -> str:
@@ -145,7 +153,10 @@ SETTING_SOURCES = {
     "max_chunks": "model.max_chunks",
     "document_prompt": "model.document_prompt",
     "template": "source.template",
+    "precision": "model.precision",
 }
+# How a precision of None (floating point) reads in a refusal.
+_FLOATING_POINT = "floating point (fp32, or fp16/bf16 on a GPU)"
 
 
 def vector_identity(weights: str, settings: VectorSettings) -> str:
@@ -160,8 +171,17 @@ def changed_setting(recorded: dict[str, Any], settings: VectorSettings) -> str |
     for name, now in asdict(settings).items():
         then = recorded.get(name)
         if then != now:
+            if name == "precision":
+                return (
+                    f"{SETTING_SOURCES[name]} = {_precision_phrase(then)}, but this job uses "
+                    f"{_precision_phrase(now)}"
+                )
             return f"{SETTING_SOURCES[name]} = {then!r}, but this job uses {now!r}"
     return None
+
+
+def _precision_phrase(value: Any) -> str:
+    return _FLOATING_POINT if value is None else repr(value)
 
 
 def document_prompt(configured: str | None, prompts: dict[str, str]) -> str:

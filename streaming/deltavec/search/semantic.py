@@ -1,8 +1,8 @@
 """Text in, nearest target rows out: the query side of deltavec, without Spark.
 
 ``open_search`` reads what the target says about itself (the model name, the
-window and query prompt, the source path and template the job wrote as table
-properties), loads that model, checks that its weights are the ones the vectors
+window, precision and query prompt, the source path and template the job wrote as
+table properties), loads that model, checks that its weights are the ones the vectors
 came from, and answers text queries with keys, scores and, when asked, the
 source rows behind them.
 """
@@ -208,11 +208,15 @@ def open_search(
     # The window and long-text handling the documents were embedded with.
     settings = recorded_settings(properties)
     long_text = str(settings.get("long_text") or "truncate")
+    # Queries are embedded with the precision the documents were: an int8 target's
+    # vectors come from the quantized model, which runs on a CPU.
+    int8 = settings.get("precision") == "int8"
     encoder = get_encoder(
         EncoderSpec(
             model=resolved,
             revision=revision,
-            device=device,
+            device="cpu" if int8 and device == "auto" else device,
+            precision="int8" if int8 else "auto",
             max_tokens=max_tokens or settings.get("max_tokens"),
             long_text=long_text,
             chunk_overlap=int(settings.get("chunk_overlap") or 32),
