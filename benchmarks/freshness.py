@@ -313,6 +313,7 @@ def main() -> None:
     parser.add_argument("--target-rows", type=int, default=100_000)
     parser.add_argument("--interval", default="1 second", help="the job's trigger.interval")
     parser.add_argument("--timeout", type=float, default=120.0, help="per commit, seconds")
+    parser.add_argument("--job-log", type=Path, help="also write the job's output to this file")
     args = parser.parse_args()
 
     from deltalake import DeltaTable, write_deltalake
@@ -320,6 +321,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="deltavec-freshness-"))
     process = None
     consumer = None
+    log: JobLog | None = None
     try:
         config = write_config(root, args.interval)
         set_up = time.time()
@@ -412,6 +414,8 @@ def main() -> None:
         }
         print(json.dumps(result))
     finally:
+        if args.job_log is not None and log is not None:
+            args.job_log.write_text("".join(log.lines), encoding="utf-8")
         if consumer is not None:
             consumer.stop.set()
         if process is not None and process.poll() is None:
