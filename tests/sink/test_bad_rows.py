@@ -195,3 +195,37 @@ def test_ten_thousand_rows_with_five_percent_bad_lose_nothing(spark: Any, tmp_pa
     assert target_rows + len(quarantined) == len(rows)
     assert Counter(r["reason"] for r in quarantined) == bad
     assert summary.embedded == target_rows
+
+
+def test_a_batch_writes_only_the_commits_its_rows_need(spark: Any, tmp_path: Path) -> None:
+    """New keys are one target commit; the quarantine is written only when one of its
+    rows changes (a key clears), however many rows it holds."""
+    from delta.tables import DeltaTable
+
+    source, config = tmp_path / "source", write_config(tmp_path)
+
+    def versions() -> tuple[int, int]:
+        return tuple(  # type: ignore[return-value]
+            DeltaTable.forPath(spark, str(tmp_path / name)).history(1).first()["version"]
+            for name in ("target", "target_quarantine")
+        )
+
+    def run(rows: list[dict[str, Any]]) -> tuple[int, int]:
+        before = versions() if (tmp_path / "target").exists() else None
+        write_rows(spark, source, rows)
+        Job(load_config(config), spark).run(once=True)
+        after = versions()
+        return (after[0] - before[0], after[1] - before[1]) if before else (0, 0)
+
+    run(
+        [
+            {"id": 1, "title": "Fine", "abstract": "A good row."},
+            {"id": 2, "title": " ", "abstract": None},
+        ]
+    )
+    assert [r["key"] for r in _quarantine(spark, tmp_path)] == ['{"id":2}']
+    new_keys = [{"id": i, "title": f"New {i}", "abstract": "Another good row."} for i in (3, 4)]
+    assert run(new_keys) == (1, 0)
+    assert run([{"id": 2, "title": "Fixed", "abstract": "Now it has text."}]) == (1, 1)
+    assert sorted(r["id"] for r in read_target(spark, tmp_path / "target")) == [1, 2, 3, 4]
+    assert _quarantine(spark, tmp_path) == []

@@ -166,13 +166,19 @@ class EmbedBatches:
         from deltavec.runtime.faults import poisoned
 
         _log_to_stderr()
-        spec = replace(
-            self.spec,
-            model=resolve_model(self.model, self.spec.revision),
-            device=task_device(self.spec.device),
-        )
-        encoder = poisoned(get_encoder(spec))
+        encoder: Encoder | None = None
         for batch in batches:
+            if not batch.num_rows:
+                continue
+            # Built at the first batch with rows: a task over an empty partition (every
+            # partition of a micro-batch whose rows are all unchanged) loads no model.
+            if encoder is None:
+                spec = replace(
+                    self.spec,
+                    model=resolve_model(self.model, self.spec.revision),
+                    device=task_device(self.spec.device),
+                )
+                encoder = poisoned(get_encoder(spec))
             yield self._embed(encoder, batch)
 
     def _embed(self, encoder: Encoder, batch: pa.RecordBatch) -> pa.RecordBatch:

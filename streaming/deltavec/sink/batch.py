@@ -46,11 +46,13 @@ from deltavec.sink.key_filter import KeyFilter
 from deltavec.sink.merge import (
     ACTION,
     EXISTS,
+    HELD_TWICE,
     TARGET_HASH,
     TARGET_MODEL,
     TARGET_ROWS,
     Layout,
     TargetWriter,
+    WriteCounts,
 )
 from deltavec.sink.quarantine import QuarantineWriter
 from deltavec.source import changes
@@ -64,6 +66,11 @@ if TYPE_CHECKING:
     from deltavec.embed.udf import EmbedBatches
 
 log = logging.getLogger(__name__)
+
+# Up to this many rows to embed go to one task: at about 15 tokens a row, 5 ms of
+# model time each on one core, so a second task's scheduling and Arrow round trip
+# would cost more than it saves.
+ONE_TASK_ROWS = 64
 
 
 class StopRequested(Exception):
@@ -94,6 +101,8 @@ class BatchReport:
     # Append mode: source commits this batch moved past without reading, because
     # they update or delete rows (Delta's skipChangeCommits).
     skipped_change_commits: int = 0
+    # Deletes and preimages of keyless rows: each may take a quarantine row out.
+    keyless_removals: int = 0
 
     @property
     def quarantined_total(self) -> int:
@@ -260,28 +269,47 @@ class MergeSink:
                 (F.col(OP) == UPSERT) & F.col(PROBLEM).isNull() & ~F.col(IS_DUPLICATE)
             )
             candidates = self._skip_unchanged(good, existing)
-            inputs = self._spread(candidates).select(
-                *self.keys, BATCH_SOURCE_VERSION, TEXT, BATCH_TEXT_HASH, KEY_JSON, EXISTS
+            inputs = self._spread(candidates, rows=report.upserts).select(
+                *self.keys,
+                BATCH_SOURCE_VERSION,
+                TEXT,
+                BATCH_TEXT_HASH,
+                KEY_JSON,
+                EXISTS,
+                HELD_TWICE,
             )
             embed, schema = self._embedder(inputs.schema)
             embedded = inputs.mapInArrow(embed, schema).persist(StorageLevel.MEMORY_AND_DISK)
-            failed = _tally(embedded, report)
-            report.unchanged = report.upserts - report.embedded - failed
+            tally = _tally(embedded, report)
+            report.unchanged = report.upserts - report.embedded - tally.failed
 
         try:
             faults.maybe_fail("before_merge")
             # The embed stage can outlast a lease period: check again before writing.
             self._check_lease(batch_id)
             with clock("merge"):
-                if report.embedded or report.deletes or report.quarantined:
-                    self._merge_target(spark, acts, embedded, existing, batch_id, key_filter)
+                # What the tallies already know decides the writes, without counting
+                # again: the MERGE takes existing keys' new vectors and every row that
+                # may remove one (a delete, a now-failing row, a key held twice), the
+                # append the new keys' vectors (which include keys held twice).
+                counts = WriteCounts(
+                    merge=tally.existing
+                    + tally.held_twice
+                    + report.deletes
+                    + report.quarantined_total,
+                    append=tally.new,
+                )
+                if counts.merge or counts.append:
+                    self._merge_target(
+                        spark, acts, embedded, existing, batch_id, key_filter, counts
+                    )
                 self.quarantine_writer.write(
                     spark,
                     acts,
                     embedded,
                     app_id=self.app_id,
                     batch_id=batch_id,
-                    any_new=bool(report.quarantined),
+                    any_new=bool(report.quarantined or report.keyless_removals),
                 )
             faults.maybe_fail("after_merge")
         finally:
@@ -324,6 +352,7 @@ class MergeSink:
             if problem is not None and group[OP] == DELETE:
                 # A keyless row's delete or preimage: it only takes the row's
                 # quarantine entry out; the target never held it.
+                report.keyless_removals += rows
                 continue
             if problem is not None:
                 report.quarantined[problem] = report.quarantined.get(problem, 0) + rows
@@ -370,7 +399,8 @@ class MergeSink:
     def _skip_unchanged(self, good: DataFrame, existing: DataFrame) -> DataFrame:
         """Drop upserts whose text the target already embedded with this model.
 
-        The rows kept carry ``_exists``: whether the target holds their key.
+        The rows kept carry ``_exists``: whether the target holds their key (once),
+        and ``_held_twice``: whether it holds it more than once.
         """
         from pyspark.sql import functions as F
 
@@ -386,13 +416,17 @@ class MergeSink:
         return (
             joined.where(~F.coalesce(unchanged, F.lit(False)))
             .withColumn(EXISTS, F.coalesce(single, F.lit(False)))
+            .withColumn(HELD_TWICE, F.coalesce(F.col(TARGET_ROWS) > 1, F.lit(False)))
             .drop(TARGET_HASH, TARGET_MODEL, TARGET_ROWS)
         )
 
-    def _spread(self, frame: DataFrame) -> DataFrame:
+    def _spread(self, frame: DataFrame, *, rows: int) -> DataFrame:
         # The model should run on every task slot, and the micro-batch waits for the
         # slowest task: give every slot the same amount of text (deltavec.embed.balance).
-        return spread_by_length(frame, slots=self.parallelism, text=TEXT, keys=self.keys)
+        # A few rows are model work of milliseconds, less than a task costs: one
+        # task (one Python worker, one model copy at start-up) embeds them.
+        slots = 1 if rows <= ONE_TASK_ROWS else self.parallelism
+        return spread_by_length(frame, slots=slots, text=TEXT, keys=self.keys)
 
     # -- writes ------------------------------------------------------------------------
 
@@ -404,6 +438,7 @@ class MergeSink:
         existing: DataFrame,
         batch_id: int,
         key_filter: KeyFilter | None,
+        counts: WriteCounts,
     ) -> None:
         from pyspark.sql import functions as F
 
@@ -441,21 +476,45 @@ class MergeSink:
         )
         source = upserts.unionByName(deletes, allowMissingColumns=True)
         self.writer.write(
-            spark, source, app_id=self.app_id, batch_id=batch_id, key_filter=key_filter
+            spark,
+            source,
+            app_id=self.app_id,
+            batch_id=batch_id,
+            key_filter=key_filter,
+            counts=counts,
         )
 
 
-def _tally(embedded: DataFrame, report: BatchReport) -> int:
-    """Count embedded and failed rows and add up the workers' encode stats, in one job.
+@dataclass(frozen=True)
+class _Tally:
+    """The model's output rows of one batch, by what the writes do with them.
 
-    Returns:
-        The rows the model failed on (they are in ``report.quarantined`` too).
+    Attributes:
+        failed: rows the model failed on (they are in ``report.quarantined`` too).
+        existing: embedded rows whose key the target holds once (the MERGE).
+        new: embedded rows the append writes (new keys and keys held twice).
+        held_twice: embedded rows whose key the target holds more than once (the
+            MERGE removes those rows first).
     """
+
+    failed: int = 0
+    existing: int = 0
+    new: int = 0
+    held_twice: int = 0
+
+
+def _tally(embedded: DataFrame, report: BatchReport) -> _Tally:
+    """Count embedded and failed rows and add up the workers' encode stats, in one job."""
     from pyspark.sql import functions as F
 
     stats = F.col(ENCODE_STATS)
     rows = (
-        embedded.groupBy(F.col(ERROR_CODE), stats.getField("device").alias("device"))
+        embedded.groupBy(
+            F.col(ERROR_CODE),
+            F.col(EXISTS),
+            F.col(HELD_TWICE),
+            stats.getField("device").alias("device"),
+        )
         .agg(
             F.count(F.lit(1)).alias("count"),
             F.sum(stats.getField("tokens")).alias("tokens"),
@@ -465,14 +524,20 @@ def _tally(embedded: DataFrame, report: BatchReport) -> int:
         )
         .collect()
     )
-    failed = 0
+    failed = existing = new = held_twice = 0
     for row in rows:
         code, count = row[ERROR_CODE], int(row["count"])
-        if code is None:
-            report.embedded += count
-        else:
+        if code is not None:
             report.quarantined[code] = report.quarantined.get(code, 0) + count
             failed += count
+        else:
+            report.embedded += count
+            if row[EXISTS]:
+                existing += count
+            else:
+                new += count
+            if row[HELD_TWICE]:
+                held_twice += count
         report.tokens += int(row["tokens"] or 0)
         report.padded_tokens += int(row["padded_tokens"] or 0)
         device = row["device"]
@@ -482,7 +547,7 @@ def _tally(embedded: DataFrame, report: BatchReport) -> int:
         if device and row["gpu_memory_bytes"] is not None:
             used = int(row["gpu_memory_bytes"])
             report.gpu_memory[device] = max(report.gpu_memory.get(device, 0), used)
-    return failed
+    return _Tally(failed=failed, existing=existing, new=new, held_twice=held_twice)
 
 
 def _batch_line(report: BatchReport) -> str:

@@ -87,6 +87,8 @@ log = logging.getLogger(__name__)
 
 ACTION = "_action"
 EXISTS = "_exists"
+# The target holds the key more than once (see ``TargetWriter.existing``).
+HELD_TWICE = "_held_twice"
 TARGET_HASH = "_target_hash"
 TARGET_MODEL = "_target_model"
 TARGET_ROWS = "_target_rows"
@@ -129,6 +131,20 @@ class Layout:
         if self.max_rows_per_file is not None:
             return self.max_rows_per_file
         return 50_000 if self.deletion_vectors else 2_000
+
+
+@dataclass(frozen=True)
+class WriteCounts:
+    """Rows of one batch's changes for each write.
+
+    Attributes:
+        merge: rows for the MERGE (``_exists``), or an upper bound of them: the
+            MERGE runs when it is above 0, and is broadcast when it is small.
+        append: new keys' upserts, exactly: the append writes files by this count.
+    """
+
+    merge: int
+    append: int
 
 
 class TargetWriter:
@@ -209,6 +225,7 @@ class TargetWriter:
         app_id: str,
         batch_id: int,
         key_filter: KeyFilter | None,
+        counts: WriteCounts | None = None,
     ) -> dict[str, int]:
         """Apply one batch: MERGE updates and deletes of existing keys, append new keys.
 
@@ -219,27 +236,41 @@ class TargetWriter:
             app_id: the checkpoint's Delta txn app id.
             batch_id: the micro-batch id, the Delta txn version.
             key_filter: the batch's keys (``key_filter``), or None.
+            counts: what the caller already knows of ``changes``; None counts them
+                (one Spark job).
 
         Returns:
-            Rows sent to the MERGE and to the append.
+            Rows sent to the MERGE (at most, when ``counts`` gave a bound) and to the append.
         """
         from pyspark.sql import functions as F
 
-        counts = changes.agg(
+        if counts is None:
+            counts = self.count(changes)
+        if counts.merge:
+            self._merge(
+                spark, changes.where(F.col(EXISTS)), counts.merge, app_id, batch_id, key_filter
+            )
+            faults.maybe_fail("between_writes")
+        if counts.append:
+            inserts = changes.where(~F.col(EXISTS) & (F.col(ACTION) == UPSERT))
+            self._append(inserts, counts.append, app_id, batch_id)
+        return {"merge": counts.merge, "append": counts.append}
+
+    @staticmethod
+    def count(changes: DataFrame) -> WriteCounts:
+        """Rows of ``changes`` for the MERGE and for the append, in one Spark job."""
+        from pyspark.sql import functions as F
+
+        row = changes.agg(
             F.sum(F.when(F.col(EXISTS), 1).otherwise(0)).alias("merge"),
             F.sum(F.when(~F.col(EXISTS) & (F.col(ACTION) == UPSERT), 1).otherwise(0)).alias(
                 "append"
             ),
         ).first()
-        merged = int((counts["merge"] if counts else 0) or 0)
-        appended = int((counts["append"] if counts else 0) or 0)
-        if merged:
-            self._merge(spark, changes.where(F.col(EXISTS)), merged, app_id, batch_id, key_filter)
-            faults.maybe_fail("between_writes")
-        if appended:
-            inserts = changes.where(~F.col(EXISTS) & (F.col(ACTION) == UPSERT))
-            self._append(inserts, appended, app_id, batch_id)
-        return {"merge": merged, "append": appended}
+        return WriteCounts(
+            merge=int((row["merge"] if row else 0) or 0),
+            append=int((row["append"] if row else 0) or 0),
+        )
 
     def _values(self) -> dict[str, str | Column]:
         from pyspark.sql import functions as F

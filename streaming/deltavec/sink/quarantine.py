@@ -67,12 +67,13 @@ class QuarantineWriter:
             embedded: the model's output rows, failed ones with an error code.
             app_id: the writer's Delta txn app id.
             batch_id: the micro-batch id, the Delta txn version.
-            any_new: the batch quarantines at least one row; without one, an empty
-                quarantine table needs no MERGE.
+            any_new: the batch quarantines at least one row, or removes a keyless
+                row's (by its text); without one, the MERGE only clears keys, and is
+                skipped when the quarantine holds none of the batch's keys.
         """
         from pyspark.sql import functions as F
 
-        if not any_new and tables.detail(spark, self.quarantine).get("numFiles", 0) == 0:
+        if not any_new and not self._holds_any(spark, acts):
             return
         upserts = acts.where(F.col(OP) == UPSERT)
         problems = upserts.where(F.col(PROBLEM).isNotNull() & ~F.col(IS_DUPLICATE)).select(
@@ -156,6 +157,19 @@ class QuarantineWriter:
                 )
 
         retry_conflicts(merge, what=f"MERGE of batch {batch_id} into {self.quarantine.name}")
+
+    def _holds_any(self, spark: SparkSession, acts: DataFrame) -> bool:
+        """Whether the quarantine holds a key of this batch (which it would then clear)."""
+        from pyspark.sql import functions as F
+
+        # The log answers for an empty quarantine, the usual case, without a scan.
+        if tables.detail(spark, self.quarantine).get("numFiles", 0) == 0:
+            return False
+        keys = acts.where(~F.col(IS_DUPLICATE) & F.col(PROBLEM).isNull()).select(
+            F.col(KEY_JSON).alias("key")
+        )
+        held = tables.read(spark, self.quarantine).select("key").join(keys, "key", "left_semi")
+        return bool(held.limit(1).collect())
 
 
 # What identifies a keyless row's quarantine entry: its key JSON (all nulls) and text.
