@@ -242,11 +242,12 @@ def check_target(
                 f"{wanted.dataType.simpleString()}"
             )
     properties = tables.properties(spark, ref)
-    if checkpoint is not None:
-        ownership.check_owner(ref, properties, checkpoint)
     recorded = properties.get(MODEL_PROPERTY)
     if recorded and recorded != model_identity:
         raise TargetError(mismatch(ref.name, recorded, model_identity, properties, settings))
+    # After the model: what the vectors are is the first thing to get right.
+    if checkpoint is not None:
+        ownership.check_owner(ref, properties, checkpoint)
     return True
 
 
