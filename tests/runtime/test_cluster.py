@@ -19,6 +19,7 @@ from deltavec.commands.job import Job
 from deltavec.config import load_config
 from deltavec.embed.models import resolve_model
 from deltavec.runtime.session import spark_home
+from deltavec.sink.batch import ONE_TASK_ROWS
 from tests.conftest import REPO, read_target, write_config, write_rows
 from tests.standalone import LOOPBACK, StandaloneCluster, cluster_env
 
@@ -60,10 +61,13 @@ def test_cluster_run_equals_local_run_and_loads_the_model_on_each_executor(
     cluster: StandaloneCluster,
     sts_pairs: list[tuple[float, str, str]],
 ) -> None:
+    # More rows than one task takes (sink.batch.ONE_TASK_ROWS), so the batch is
+    # dealt to both executors' slots and each must load the model.
+    total = 2 * ONE_TASK_ROWS
     source = tmp_path / "source"
     rows = [{"id": i, "title": s1, "abstract": s2} for i, (_, s1, s2) in enumerate(sts_pairs)]
-    write_rows(spark, source, rows[:24])
-    write_rows(spark, source, rows[24:40])
+    write_rows(spark, source, rows[: total // 2])
+    write_rows(spark, source, rows[total // 2 : total])
 
     local_dir, cluster_dir = tmp_path / "local", tmp_path / "cluster"
     local_dir.mkdir()
@@ -90,12 +94,12 @@ def test_cluster_run_equals_local_run_and_loads_the_model_on_each_executor(
         env={**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": LOOPBACK},
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1])["embedded"] == 40
+    assert json.loads(run.stdout.strip().splitlines()[-1])["embedded"] == total
 
     # Same keys, same vectors, same provenance as local mode.
     local = {r["id"]: r for r in read_target(spark, local_dir / "target")}
     remote = {r["id"]: r for r in read_target(spark, cluster_dir / "target")}
-    assert sorted(remote) == sorted(local) == list(range(40))
+    assert sorted(remote) == sorted(local) == list(range(total))
     for key, row in remote.items():
         np.testing.assert_allclose(row["embedding"], local[key]["embedding"], rtol=0, atol=1e-5)
         assert (row["model"], row["text_hash"]) == (local[key]["model"], local[key]["text_hash"])
