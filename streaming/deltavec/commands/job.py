@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +88,7 @@ class Job:
         self._batch_listeners: list[Callable[[BatchReport], None]] = [self._record_batch]
         self._starts = 0
         self.lease: CheckpointLease | None = None
+        self._model_load: Future[Encoder] | None = None
 
     @property
     def spark(self) -> SparkSession:
@@ -130,6 +132,25 @@ class Job:
             threads=threads,
         )
 
+    def begin_loading_model(self) -> None:
+        """Start ``load_model`` on a thread; the next ``load_model`` waits for it.
+
+        Importing torch and reading the weights is seconds of Python that need no
+        Spark: started first, it runs while the JVM starts and reads the source.
+        """
+        if self._model_load is not None:
+            return
+        future: Future[Encoder] = Future()
+
+        def load() -> None:
+            try:
+                future.set_result(self._load_model())
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+                future.set_exception(exc)
+
+        self._model_load = future
+        threading.Thread(target=load, name="deltavec-model-load", daemon=True).start()
+
     def load_model(self) -> Encoder:
         """Load the model on the driver: proves it loads and gives its identity and size.
 
@@ -137,6 +158,11 @@ class Job:
         (the window the model really allows, its modules, the long-text mode, the
         document prompt, the template), so the checks and skip-unchanged see them all.
         """
+        if self._model_load is not None:
+            return self._model_load.result()
+        return self._load_model()
+
+    def _load_model(self) -> Encoder:
         from deltavec.embed import models
 
         m = self.config.model
@@ -182,10 +208,12 @@ class Job:
         # passed, so a mistake leaves no folder behind.
         if _local_folder_exists(cfg.checkpoint.location):
             self.take_lease()
+        self.begin_loading_model()
         spark = self.spark
         schema = stream.check_source(spark, cfg.source)
         keys = stream.key_fields(schema, cfg.source.key)
         self.load_model()
+        self.warm_workers()
         target.check_target(
             spark,
             cfg.target,
@@ -231,6 +259,30 @@ class Job:
             spec=self.encoder_spec(for_workers=True),
             prompt=self.document_prompt,
         )
+
+    def warm_workers(self) -> None:
+        """Load the model on the Python workers in the background (after ``load_model``).
+
+        The first micro-batch would otherwise wait while a worker imports torch and
+        reads the weights (seconds of one core); the driver's table checks and the
+        query's start hide most of it. Spark reuses Python workers
+        (``spark.python.worker.reuse``) and each keeps the model in its cache, so
+        the worker warmed here runs the next task. One task, not one per slot: a
+        small batch is one task (``sink.batch.ONE_TASK_ROWS``), and on a machine
+        of few cores more loads at once would slow the checks more than they save.
+        A failure is only logged: a batch that needs the model meets it again and
+        handles it as it always does.
+        """
+        spark = self.spark
+        embed = self.embed_batches()
+
+        def warm() -> None:
+            try:
+                spark.range(1, numPartitions=1).mapInArrow(embed.load, "id long").collect()
+            except Exception as exc:  # noqa: BLE001 - only a head start is lost
+                log.debug("could not load the model on the workers ahead of time: %s", exc)
+
+        threading.Thread(target=warm, name="deltavec-warm-workers", daemon=True).start()
 
     def take_lease(self) -> None:
         """Hold the checkpoint's lease until ``close``: a second job on it is refused."""

@@ -63,6 +63,7 @@ def retry(job: Job, *, reason: str | None = None) -> RetryReport:
     # missing from the target), leaving it twice. Taken first, so a retry beside a
     # running job is refused before Spark starts.
     job.take_lease()
+    job.begin_loading_model()
     try:
         spark = job.spark
         ownership.check(spark, cfg.target, cfg.checkpoint.location)

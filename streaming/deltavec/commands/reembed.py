@@ -147,6 +147,9 @@ class Reembed:
         job = self.job
         try:
             job.take_lease()
+            # The JVM starts while the model loads.
+            job.begin_loading_model()
+            _ = job.spark
             job.load_model()
             report = self._run(job)
         finally:

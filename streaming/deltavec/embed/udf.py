@@ -162,7 +162,6 @@ class EmbedBatches:
     prompt: str = ""
 
     def __call__(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from deltavec.embed.models import resolve_model
         from deltavec.runtime.faults import poisoned
 
         _log_to_stderr()
@@ -173,13 +172,29 @@ class EmbedBatches:
             # Built at the first batch with rows: a task over an empty partition (every
             # partition of a micro-batch whose rows are all unchanged) loads no model.
             if encoder is None:
-                spec = replace(
-                    self.spec,
-                    model=resolve_model(self.model, self.spec.revision),
-                    device=task_device(self.spec.device),
-                )
-                encoder = poisoned(get_encoder(spec))
+                encoder = poisoned(get_encoder(self.worker_spec()))
             yield self._embed(encoder, batch)
+
+    def worker_spec(self) -> EncoderSpec:
+        """The spec on this worker: the model as this machine resolves it, the task's GPU."""
+        from deltavec.embed.models import resolve_model
+
+        return replace(
+            self.spec,
+            model=resolve_model(self.model, self.spec.revision),
+            device=task_device(self.spec.device),
+        )
+
+    def load(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """``mapInArrow`` function that only loads the model, passing its input through.
+
+        Run once at start-up (``deltavec.commands.job``), it puts the model into the
+        cache of a reused Python worker while the driver is still checking tables,
+        so the first micro-batch does not wait for torch and the weights.
+        """
+        _log_to_stderr()
+        get_encoder(self.worker_spec())
+        yield from batches
 
     def _embed(self, encoder: Encoder, batch: pa.RecordBatch) -> pa.RecordBatch:
         import pyarrow as pa
