@@ -17,7 +17,7 @@ from deltavec.columns import BATCH_SOURCE_VERSION, BATCH_TEXT_HASH, DELETE, EMBE
 from deltavec.config import TableRef
 from deltavec.search import VectorIndex
 from deltavec.sink import target
-from deltavec.sink.key_filter import IN_LIST_VALUES, KeyFilter
+from deltavec.sink.key_filter import IN_LIST_VALUES, KeyFilter, key_ranges
 from deltavec.sink.merge import ACTION, Layout, TargetWriter
 from deltavec.sink.transactions import session_settings
 
@@ -122,8 +122,12 @@ def test_keys_beyond_one_in_list_all_match(spark: Any, loaded: TargetWriter) -> 
 
 @pytest.mark.parametrize(
     "layout",
-    [Layout(), Layout(max_listed_keys=100)],
-    ids=["keys-listed", "too-many-keys-ranges-only"],
+    [
+        Layout(),
+        Layout(max_listed_keys=100),
+        Layout(max_listed_keys=100, max_collected_keys=200),
+    ],
+    ids=["keys-listed", "ranges-cut-on-the-driver", "ranges-cut-by-spark"],
 )
 def test_a_merge_of_a_thousand_scattered_changes_is_exact(
     spark: Any, tmp_path: Path, layout: Layout
@@ -153,7 +157,7 @@ def test_a_large_batch_gets_its_key_ranges_from_spark_not_the_driver(
     from pyspark.sql import functions as F
 
     # Count what comes back to the driver: the first batch of a big table can hold
-    # tens of millions of keys, which must never be collected.
+    # tens of millions of keys, of which at most max_collected_keys + 1 may come.
     collected: list[int] = []
     frames = type(spark.range(1))  # the session's DataFrame class (classic or Connect)
     real_collect = frames.collect
@@ -172,13 +176,21 @@ def test_a_large_batch_gets_its_key_ranges_from_spark_not_the_driver(
     key_filter = writer.key_filter(scattered)
     assert key_filter is not None and key_filter.values is None
     assert 1 <= len(key_filter.ranges) <= writer.layout.max_key_ranges
-    assert max(collected) <= 4 * writer.layout.max_key_ranges + writer.layout.max_listed_keys + 1
+    assert max(collected) <= writer.layout.max_collected_keys + 1
     # Every key is inside a range, and the ranges stay within the keys' span.
     covered = F.lit(False)
     for lo, hi in key_filter.ranges:
         covered = covered | F.col("id").between(lo, hi)
     assert real_collect(scattered.where(~covered).agg(F.count("*")))[0][0] == 0
     assert key_filter.ranges[0][0] == 0 and key_filter.ranges[-1][1] == 7 * (keys - 1)
+
+    # A batch of fewer keys than the driver takes gets ranges cut from every key.
+    middle = spark.range(5_000).select((F.col("id") * 7).alias("id"))
+    middle_filter = writer.key_filter(middle)
+    assert middle_filter is not None and middle_filter.values is None
+    assert middle_filter.ranges == key_ranges(
+        [7 * i for i in range(5_000)], writer.layout.max_key_ranges
+    )
 
     # Consecutive keys collapse into one range; string keys are cut into ranges too.
     contiguous = writer.key_filter(spark.range(keys))
@@ -189,4 +201,4 @@ def test_a_large_batch_gets_its_key_ranges_from_spark_not_the_driver(
     assert len(text_filter.ranges) <= writer.layout.max_key_ranges
     assert text_filter.ranges[0][0] == "key-0000000"
     assert text_filter.ranges[-1][1] == f"key-{keys - 1:07d}"
-    assert max(collected) <= 4 * writer.layout.max_key_ranges + writer.layout.max_listed_keys + 1
+    assert max(collected) <= writer.layout.max_collected_keys + 1

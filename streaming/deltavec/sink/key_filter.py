@@ -30,7 +30,12 @@ PARQUET_IN_THRESHOLD = "spark.sql.parquet.pushdown.inFilterThreshold"
 # method size limit (see ``max_key_ranges``).
 LISTED_KEYS = 2_048
 IN_LIST_VALUES = 64
-# A batch with too many keys to list is cut by Spark into this many range
+# A batch with up to this many distinct keys brings them to the driver (a few MB
+# at most), which cuts its ranges from every key across the largest gaps: one Spark
+# job, where a range partitioning costs three and RANGE_PARTITIONS_PER_RANGE *
+# max_ranges tasks (4.7 s of an 8,000-key batch on two cores).
+COLLECTED_KEYS = 65_536
+# A batch with more keys than that is cut by Spark into this many range
 # partitions per key range it may use: the finer cut lets the driver join them
 # across the largest gaps, from a bounded number of rows.
 RANGE_PARTITIONS_PER_RANGE = 4
@@ -109,25 +114,33 @@ def _is_int(value: Any) -> bool:
 
 
 def frame_key_filter(
-    frame: DataFrame, column: str, *, max_ranges: int, max_listed: int
+    frame: DataFrame,
+    column: str,
+    *,
+    max_ranges: int,
+    max_listed: int,
+    max_collected: int = COLLECTED_KEYS,
 ) -> KeyFilter | None:
     """The distinct values of ``frame[column]`` as a ``KeyFilter``; None when a value
     cannot be a literal.
 
-    At most ``max_listed + 1`` values, or ``RANGE_PARTITIONS_PER_RANGE * max_ranges``
-    partition bounds, come to the driver, however many keys the batch holds: the
-    first micro-batch of a large table can hold tens of millions.
+    At most ``max(max_listed, max_collected) + 1`` values, or
+    ``RANGE_PARTITIONS_PER_RANGE * max_ranges`` partition bounds, come to the driver,
+    however many keys the batch holds: the first micro-batch of a large table can
+    hold tens of millions.
     """
     from pyspark.sql import functions as F
 
     keys = frame.select(F.col(column).alias("k")).where(F.col("k").isNotNull()).distinct()
-    head = [r[0] for r in keys.limit(max_listed + 1).collect()]
+    head = [r[0] for r in keys.limit(max(max_listed, max_collected) + 1).collect()]
     if not all(literal_safe(v) for v in head):
         return None
     if len(head) <= max_listed:
         return KeyFilter(ranges=key_ranges(head, max_ranges), values=head)
-    # Too many keys to list: Spark cuts them into key ranges (a range partitioning,
-    # sampled) and returns each partition's smallest and largest key.
+    if len(head) <= max_collected:
+        return KeyFilter(ranges=key_ranges(head, max_ranges))
+    # Too many keys to bring to the driver: Spark cuts them into key ranges (a range
+    # partitioning, sampled) and returns each partition's smallest and largest key.
     parts = max(1, RANGE_PARTITIONS_PER_RANGE * max_ranges)
     bounds = (
         keys.repartitionByRange(parts, "k")

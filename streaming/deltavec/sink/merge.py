@@ -67,6 +67,7 @@ from deltavec.columns import (
 from deltavec.config import TableRef
 from deltavec.runtime import faults, tables
 from deltavec.sink.key_filter import (
+    COLLECTED_KEYS,
     IN_LIST_VALUES,
     LISTED_KEYS,
     PARQUET_IN_THRESHOLD,
@@ -113,6 +114,8 @@ class Layout:
             Spark falls back to slow interpreted evaluation, with an error logged.
         max_listed_keys: a batch with at most this many distinct keys also lists
             them, for row-group skipping (see ``LISTED_KEYS``).
+        max_collected_keys: a batch with at most this many distinct keys has its
+            ranges cut on the driver, a larger one by Spark (see ``COLLECTED_KEYS``).
         deletion_vectors: the target marks changed rows deleted instead of
             rewriting files (its ``delta.enableDeletionVectors`` property).
     """
@@ -120,6 +123,7 @@ class Layout:
     max_rows_per_file: int | None = None
     max_key_ranges: int = 64
     max_listed_keys: int = LISTED_KEYS
+    max_collected_keys: int = COLLECTED_KEYS
     deletion_vectors: bool = True
 
     @property
@@ -185,6 +189,7 @@ class TargetWriter:
             self.keys[0],
             max_ranges=self.layout.max_key_ranges,
             max_listed=self.layout.max_listed_keys,
+            max_collected=self.layout.max_collected_keys,
         )
 
     def existing(
