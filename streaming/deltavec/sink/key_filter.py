@@ -31,8 +31,8 @@ PARQUET_IN_THRESHOLD = "spark.sql.parquet.pushdown.inFilterThreshold"
 LISTED_KEYS = 2_048
 IN_LIST_VALUES = 64
 # A batch with up to this many distinct keys brings them to the driver (a few MB
-# at most), which cuts its ranges from every key across the largest gaps: one Spark
-# job, where a range partitioning costs three and RANGE_PARTITIONS_PER_RANGE *
+# at most), which cuts its ranges from every key across the largest gaps: one more
+# Spark job, where a range partitioning costs three and RANGE_PARTITIONS_PER_RANGE *
 # max_ranges tasks (4.7 s of an 8,000-key batch on two cores).
 COLLECTED_KEYS = 65_536
 # A batch with more keys than that is cut by Spark into this many range
@@ -132,13 +132,19 @@ def frame_key_filter(
     from pyspark.sql import functions as F
 
     keys = frame.select(F.col(column).alias("k")).where(F.col("k").isNotNull()).distinct()
-    head = [r[0] for r in keys.limit(max(max_listed, max_collected) + 1).collect()]
+    head = [r[0] for r in keys.limit(max_listed + 1).collect()]
     if not all(literal_safe(v) for v in head):
         return None
     if len(head) <= max_listed:
         return KeyFilter(ranges=key_ranges(head, max_ranges), values=head)
-    if len(head) <= max_collected:
-        return KeyFilter(ranges=key_ranges(head, max_ranges))
+    # Asked for only now: the small batches of a running stream keep their one
+    # small collect, and only a batch of more keys pays a second job.
+    if max_collected > max_listed:
+        head = [r[0] for r in keys.limit(max_collected + 1).collect()]
+        if not all(literal_safe(v) for v in head):
+            return None
+        if len(head) <= max_collected:
+            return KeyFilter(ranges=key_ranges(head, max_ranges))
     # Too many keys to bring to the driver: Spark cuts them into key ranges (a range
     # partitioning, sampled) and returns each partition's smallest and largest key.
     parts = max(1, RANGE_PARTITIONS_PER_RANGE * max_ranges)
