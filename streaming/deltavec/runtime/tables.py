@@ -83,5 +83,6 @@ def detail(spark: SparkSession, ref: TableRef) -> dict[str, Any]:
 
 
 def latest_version(spark: SparkSession, ref: TableRef) -> int:
-    row = delta_table(spark, ref).history(1).select("version").first()
-    return int(row["version"]) if row else -1
+    # collect() of the history as it comes: a projection on it would cost a Spark job.
+    rows = delta_table(spark, ref).history(1).collect()
+    return int(rows[0]["version"]) if rows else -1

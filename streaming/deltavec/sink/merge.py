@@ -195,8 +195,8 @@ class TargetWriter:
     def existing(
         self, spark: SparkSession, frame: DataFrame, key_filter: KeyFilter | None
     ) -> DataFrame:
-        """One row per target key of the frame: keys, ``_target_hash``,
-        ``_target_model`` and ``_target_rows``.
+        """One row per target key of the frame, as of the target's newest version
+        now: keys, ``_target_hash``, ``_target_model`` and ``_target_rows``.
 
         Only files (and row groups) whose key statistics can hold a key of
         ``key_filter`` are read. ``_target_rows`` above 1 is a key the target holds
@@ -205,7 +205,13 @@ class TargetWriter:
         """
         from pyspark.sql import functions as F
 
-        rows = tables.read(spark, self.target)
+        # Read at the version the batch starts from, not "the latest": each write of
+        # the batch makes Spark plan again every cached frame that reads the latest
+        # target, and the frames built on this one (the model's output) would be
+        # computed again against the target the batch has just written, running
+        # the model a second time. A pinned version is another table to Spark's cache.
+        version = tables.latest_version(spark, self.target)
+        rows = tables.read(spark, self.target, versionAsOf=str(version))
         if key_filter is not None:
             rows = rows.where(key_filter.predicate(F.col(self.keys[0])))
         wanted = frame.select(*self.keys).distinct()
