@@ -1,10 +1,11 @@
 """The model runs once per changed row of a micro-batch, whatever the batch writes.
 
-Each write the sink makes to the target (the MERGE of existing keys, the append
-of new ones, the quarantine's MERGE after them) tells Spark the target changed. A
-frame of the batch that Spark has cached and that still reads the target would be
-computed again from the new target: the model would run again on rows it has
-already embedded, and the batch would take twice the model time.
+Each write the sink makes (the MERGE of existing keys and the append of new ones
+into the target, the quarantine's MERGE after them) tells Spark's cache that a
+table changed. A frame of the batch that Spark has cached and that still reads
+the latest target would be computed again from the target the batch just wrote:
+the model would run again on rows it has already embedded, and the batch would
+take twice the model time.
 """
 
 from __future__ import annotations

@@ -124,13 +124,12 @@ class DeltaLog:
 
     def latest(self) -> tuple[int, float | None]:
         """(version, commit time in epoch seconds) of the table's newest commit."""
-        # collect() of the history as it comes: a projection on it would cost a Spark job.
-        rows = tables.delta_table(self.spark, self.ref).history(1).collect()
-        if not rows:
+        row = tables.newest_commit(self.spark, self.ref)
+        if row is None:
             return -1, None
-        at = rows[0]["timestamp"]
+        at = row["timestamp"]
         # PySpark hands timestamps over as naive local times; .timestamp() reads them so.
-        return int(rows[0]["version"]), (at.timestamp() if at is not None else None)
+        return int(row["version"]), (at.timestamp() if at is not None else None)
 
     def commit(self, version: int) -> Commit | None:
         """The commit at ``version``; None once log clean-up has deleted its file."""

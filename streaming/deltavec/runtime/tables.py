@@ -8,7 +8,7 @@ from deltavec.config import TableRef
 
 if TYPE_CHECKING:
     from delta.tables import DeltaTable
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import DataFrame, Row, SparkSession
     from pyspark.sql.streaming.readwriter import DataStreamReader
 
 
@@ -82,7 +82,13 @@ def detail(spark: SparkSession, ref: TableRef) -> dict[str, Any]:
     return row.asDict() if row else {}
 
 
-def latest_version(spark: SparkSession, ref: TableRef) -> int:
+def newest_commit(spark: SparkSession, ref: TableRef) -> Row | None:
+    """The table's newest history row (``version``, ``timestamp``, …); None without commits."""
     # collect() of the history as it comes: a projection on it would cost a Spark job.
     rows = delta_table(spark, ref).history(1).collect()
-    return int(rows[0]["version"]) if rows else -1
+    return rows[0] if rows else None
+
+
+def latest_version(spark: SparkSession, ref: TableRef) -> int:
+    row = newest_commit(spark, ref)
+    return int(row["version"]) if row else -1
