@@ -304,6 +304,8 @@ class Job:
 
     def close(self) -> None:
         """Give the checkpoint's lease back (``run`` does this itself)."""
+        if self.sink is not None:
+            self.sink.close()
         if self.lease is not None:
             self.lease.release()
             self.lease = None

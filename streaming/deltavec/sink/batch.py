@@ -55,6 +55,7 @@ from deltavec.sink.merge import (
     WriteCounts,
 )
 from deltavec.sink.quarantine import QuarantineWriter
+from deltavec.sink.snapshot_warmer import SnapshotWarmer
 from deltavec.source import changes
 from deltavec.source.commit_versions import with_commit_versions
 from deltavec.source.stream import check_batch_columns
@@ -167,6 +168,7 @@ class MergeSink:
             target=target, keys=keys, model_identity=model_identity, dim=dim, layout=layout
         )
         self.target = target
+        self.warmer = SnapshotWarmer(target=target, key=keys[0])
         self.quarantine = quarantine
         self.quarantine_writer = QuarantineWriter(
             quarantine=quarantine, keys=keys, text_columns=text_columns
@@ -299,7 +301,8 @@ class MergeSink:
                     + report.quarantined_total,
                     append=tally.new,
                 )
-                if counts.merge or counts.append:
+                wrote_target = bool(counts.merge or counts.append)
+                if wrote_target:
                     self._merge_target(
                         spark, acts, embedded, existing, batch_id, key_filter, counts
                     )
@@ -316,8 +319,17 @@ class MergeSink:
             embedded.unpersist()
             existing.unpersist()
             acts.unpersist()
+        if wrote_target and not self.stopping.is_set():
+            # The next batch reads the version this one wrote: plan it while the
+            # job waits for the next trigger (deltavec.sink.snapshot_warmer).
+            self.warmer.warm(spark, key_filter)
         log.info("%s", _batch_line(report))
         return report
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Wait for the last batch's background work (at most ``timeout`` seconds) and
+        let its threads go; the sink takes no batch after this."""
+        self.warmer.close(timeout)
 
     def _note_skipped_commits(
         self, spark: SparkSession, batch_id: int, report: BatchReport

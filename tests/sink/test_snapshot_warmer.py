@@ -1,0 +1,54 @@
+"""After a batch writes, the target's new version is prepared for the next batch's read.
+
+The preparation only reads: when it fails, no batch fails and no row is lost; when
+it works, it has read exactly the version the batch committed (the one the next
+batch's read starts from).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deltavec.commands.job import Job
+from deltavec.config import load_config
+from deltavec.runtime import faults
+from tests.conftest import read_target, write_config, write_rows
+
+pytestmark = pytest.mark.slow
+
+
+def _rows(ids: range) -> list[dict[str, Any]]:
+    return [{"id": i, "title": f"Paper {i}", "abstract": "a"} for i in ids]
+
+
+def test_a_failed_preparation_fails_no_batch_and_the_next_one_reads_the_new_version(
+    spark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from delta.tables import DeltaTable
+
+    monkeypatch.setenv(faults.ENV, "warm_snapshot:raise")
+    monkeypatch.setattr(faults, "_fired", set())
+    source = tmp_path / "source"
+    config = load_config(write_config(tmp_path, source={"mode": "changes"}))
+
+    write_rows(spark, source, _rows(range(10)))
+    first = Job(config, spark)
+    with caplog.at_level(logging.WARNING, logger="deltavec.sink.snapshot_warmer"):
+        assert first.run(once=True).embedded == 10
+    assert first.sink is not None and first.sink.warmer.warmed_version is None
+    warning = next(r.getMessage() for r in caplog.records if "next batch" in r.getMessage())
+    assert "InjectedFault" in warning and str(tmp_path / "target") in warning
+    assert sorted(r["id"] for r in read_target(spark, tmp_path / "target")) == list(range(10))
+
+    # The fault fires once: this run's preparation works.
+    write_rows(spark, source, _rows(range(10, 15)))
+    second = Job(config, spark)
+    assert second.run(once=True).embedded == 5
+    newest = DeltaTable.forPath(spark, str(tmp_path / "target")).history(1).first()
+    assert second.sink is not None and second.sink.warmer.warmed_version == newest["version"]
+    ids = [r["id"] for r in read_target(spark, tmp_path / "target")]
+    assert sorted(ids) == list(range(15)), "one vector per key, none lost or doubled"
