@@ -77,3 +77,46 @@ def test_searches_of_one_version_share_one_product_and_match_single_searches(
         expected = view.search(queries[i], 3, rows=filtered)
         assert [h.key for h in hits] == [h.key for h in expected]
         assert all(100 <= h.key["id"] < 200 for h in hits)
+
+
+def test_an_embed_is_answered_while_a_search_is_still_being_ranked() -> None:
+    ranking = threading.Event()
+    release = threading.Event()
+
+    class SlowView:  # a version whose ranking holds until released
+        def search_many(self, queries: np.ndarray, k: int, *, rows: object) -> list[list[str]]:
+            ranking.set()
+            release.wait(10)
+            return [["hit"] for _ in queries]
+
+    def embed_many(texts: Sequence[str]) -> np.ndarray:
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    batcher = QueryBatcher(embed_many)
+    with ThreadPoolExecutor(2) as pool:
+        searched = pool.submit(batcher.search, "slow", SlowView(), 1)  # type: ignore[arg-type]
+        assert ranking.wait(10)
+        embedded = pool.submit(batcher.embed, ["meanwhile"])
+        try:
+            assert embedded.result(timeout=5).shape == (1, 2)
+            assert not searched.done()
+        finally:
+            release.set()
+        assert searched.result(timeout=10)[1] == ["hit"]
+
+
+def test_a_failed_ranking_fails_its_caller_and_the_next_search_works(tmp_path: Path) -> None:
+    from deltavec.search import VectorIndex
+    from tests.search.test_index import unit_vectors, write_target
+
+    write_target(tmp_path / "t", np.arange(50), unit_vectors(50, seed=52))
+    view = VectorIndex(str(tmp_path / "t")).view()
+    other = VectorIndex(str(tmp_path / "t")).view()
+    foreign = other.slots_of(pa.table({"id": pa.array([1, 2, 3], pa.int64())}))
+    query = unit_vectors(1, seed=53)
+    batcher = QueryBatcher(lambda texts: np.repeat(query, len(texts), axis=0))
+
+    with pytest.raises(ValueError, match="another version"):
+        batcher.search("q", view, 3, foreign)
+    _, hits = batcher.search("q", view, 3)
+    assert [h.key for h in hits] == [h.key for h in view.search(query[0], 3)]
