@@ -20,8 +20,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
@@ -42,6 +43,52 @@ _FILE = "__file"
 # Filters remembered per snapshot (each holds up to one int64 per row).
 _CACHED_FILTERS = 32
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Memo(Generic[K, V]):
+    """A bounded cache (oldest out first) in which concurrent misses of one key compute it once.
+
+    Web clients repeat a few filters: after a server starts, 16 clients asking
+    for the same filter at once would otherwise scan the source 16 times side by side.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._done: dict[K, V] = {}
+        self._running: dict[K, Future[V]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: K, compute: Callable[[], V]) -> V:
+        with self._lock:
+            if key in self._done:
+                return self._done[key]
+            running = self._running.get(key)
+            mine = running is None
+            if running is None:
+                running = self._running[key] = Future()
+        if not mine:
+            return running.result()
+        try:
+            value = compute()
+        except BaseException as exc:  # every waiter gets the failure, and the next call tries again
+            with self._lock:
+                del self._running[key]
+            running.set_exception(exc)
+            raise
+        with self._lock:
+            while len(self._done) >= self._size:
+                self._done.pop(next(iter(self._done)))
+            self._done[key] = value
+            del self._running[key]
+        running.set_result(value)
+        return value
+
+    def items(self) -> list[tuple[K, V]]:
+        with self._lock:
+            return list(self._done.items())
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -54,9 +101,13 @@ class Snapshot:
     batcher: QueryBatcher  # the model's; concurrent queries share its encode calls
     # Filter -> slots, per source version: web clients repeat a few filters, and
     # each costs a scan of the source and a join with the keys.
-    _filters: dict[tuple[str, int], Slots] = field(default_factory=dict, compare=False)
-    _keyword_keys: dict[int, tuple[Slots, list[str]]] = field(default_factory=dict, compare=False)
-    _filters_lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
+    _filters: _Memo[tuple[str, int], Slots] = field(
+        default_factory=lambda: _Memo(_CACHED_FILTERS), compare=False
+    )
+    # id(slots) -> (slots, their key ids); the slots are kept so the id is not reused.
+    _keyword_keys: _Memo[int, tuple[Slots, list[str]]] = field(
+        default_factory=lambda: _Memo(_CACHED_FILTERS), compare=False
+    )
 
     @property
     def version(self) -> int:
@@ -69,17 +120,10 @@ class Snapshot:
             SearchError: the filter does not parse or names a column the source lacks.
         """
         source = self.search.source
-        key = (where, int(source.version()))
-        with self._filters_lock:
-            cached = self._filters.get(key)
-        if cached is not None:
-            return cached
-        slots = self.view.slots_of(matching_keys(source, self.view.key_names, where))
-        with self._filters_lock:
-            while len(self._filters) >= _CACHED_FILTERS:
-                self._filters.pop(next(iter(self._filters)))
-            self._filters[key] = slots
-        return slots
+        return self._filters.get(
+            (where, int(source.version())),
+            lambda: self.view.slots_of(matching_keys(source, self.view.key_names, where)),
+        )
 
     def keyword_keys(self, rows: Slots) -> list[str]:
         """The key ids (as the keyword index names them) of a filter's ``rows``.
@@ -90,19 +134,30 @@ class Snapshot:
         """
         from deltavec.serve.keywords import key_id
 
-        with self._filters_lock:
-            cached = self._keyword_keys.get(id(rows))
-        if cached is not None and cached[0] is rows:
-            return cached[1]
-        names = self.view.key_names
-        allowed = self.view.state.keys().take(rows.slots).select(names).to_pylist()
-        ids = [key_id([row[n] for n in names]) for row in allowed]
-        with self._filters_lock:
-            while len(self._keyword_keys) >= _CACHED_FILTERS:
-                self._keyword_keys.pop(next(iter(self._keyword_keys)))
-            # The slots are kept with their ids, so id(rows) cannot be reused meanwhile.
-            self._keyword_keys[id(rows)] = (rows, ids)
-        return ids
+        def ids() -> tuple[Slots, list[str]]:
+            names = self.view.key_names
+            allowed = self.view.state.keys().take(rows.slots).select(names).to_pylist()
+            return rows, [key_id([row[n] for n in names]) for row in allowed]
+
+        return self._keyword_keys.get(id(rows), ids)[1]
+
+    def warm_filters(self, previous: Snapshot) -> None:
+        """Evaluate, for this snapshot, the filters ``previous`` has answered.
+
+        The refresher calls this before the swap: the first filtered queries
+        after it then find their rows cached, instead of each scanning the source.
+        A filter that fails here is left for its next query to report.
+        """
+        with_keywords = {key for key, _ in previous._keyword_keys.items()}
+        # Newest source version last, so each filter's latest rows decide.
+        latest = {where: rows for (where, _), rows in previous._filters.items()}
+        for where, rows in latest.items():
+            try:
+                slots = self.slots_where(where)
+                if id(rows) in with_keywords:
+                    self.keyword_keys(slots)
+            except Exception as exc:  # noqa: BLE001 (the query that asks again reports it)
+                log.debug("filter %r not prepared for version %d: %s", where, self.version, exc)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Query vectors from this snapshot's model (and its query prompt)."""
@@ -183,7 +238,9 @@ class ServedTarget:
                 gone = [key_id(k.values()) for k in deleted.to_pylist()]
                 keyword_view = self._keyword_index.apply(texts, gone)
                 updates = len(texts) + len(gone)
-            self.current = Snapshot(old.search, view, keyword_view, old.model, old.batcher)
+            current = Snapshot(old.search, view, keyword_view, old.model, old.batcher)
+            current.warm_filters(old)
+            self.current = current
             self.refreshed_at = started
             return RefreshOutcome(view.version, True, False, updates, time.time() - started)
 

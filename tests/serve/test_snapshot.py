@@ -1,0 +1,114 @@
+"""A filter's rows are computed once per source version, and ready before a refresh swaps."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import deltavec.serve.snapshot as snapshot_module
+from deltavec.errors import SearchError
+from deltavec.search.semantic import open_search
+from deltavec.serve.snapshot import ServedTarget
+from tests.serve.targets import write_source, write_target
+
+WHERE = "year >= 2020"
+
+
+@pytest.fixture(scope="module")
+def identity(model_path: str) -> str:
+    from deltavec.embed.models import model_identity
+
+    return model_identity("default", model_path)
+
+
+@pytest.fixture
+def served(tmp_path: Path, encoder: Any, identity: str) -> ServedTarget:
+    rows = [
+        {"id": i, "title": f"Item {i}", "body": f"text number {i}", "year": 2010 + i}
+        for i in range(16)
+    ]
+    source, target = tmp_path / "source", tmp_path / "target"
+    write_source(source, rows)
+    write_target(target, rows, encoder, identity, source=source)
+    return ServedTarget(lambda: open_search(str(target)))
+
+
+@pytest.fixture
+def scans(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Counts the source scans a filter costs (each ``matching_keys`` call)."""
+    calls: list[str] = []
+    scan = snapshot_module.matching_keys
+
+    def counted(source: Any, names: list[str], where: str) -> Any:
+        calls.append(where)
+        time.sleep(0.05)  # a scan takes a while: concurrent callers overlap it
+        return scan(source, names, where)
+
+    monkeypatch.setattr(snapshot_module, "matching_keys", counted)
+    return calls
+
+
+def keys_of(snapshot: Any, slots: Any) -> list[int]:
+    return sorted(snapshot.view.state.keys().take(slots.slots).column("id").to_pylist())
+
+
+def test_concurrent_queries_with_one_new_filter_scan_the_source_once(
+    served: ServedTarget, scans: list[str]
+) -> None:
+    snapshot = served.current
+    start = threading.Barrier(8)
+
+    def ask(_: int) -> Any:
+        start.wait()
+        return snapshot.slots_where(WHERE)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+
+    assert scans == [WHERE]
+    assert all(a is answers[0] for a in answers)
+    assert keys_of(snapshot, answers[0]) == list(range(10, 16))
+
+
+def test_a_bad_filter_fails_every_caller_and_is_not_remembered(
+    served: ServedTarget, scans: list[str]
+) -> None:
+    snapshot = served.current
+    with ThreadPoolExecutor(4) as pool:
+        failures = [pool.submit(snapshot.slots_where, "colour = 'red'") for _ in range(4)]
+        for failure in failures:
+            with pytest.raises(SearchError, match="colour"):
+                failure.result(timeout=30)
+    with pytest.raises(SearchError, match="colour"):
+        snapshot.slots_where("colour = 'red'")
+    assert len(scans) >= 2  # asked again after the failure, not answered from a cache
+
+
+def test_after_a_refresh_an_answered_filter_is_ready_with_the_new_rows(
+    served: ServedTarget, scans: list[str], tmp_path: Path, encoder: Any, identity: str
+) -> None:
+    before = served.current
+    keys_of(before, before.slots_where(WHERE))
+    before.keyword_keys(before.slots_where(WHERE))
+    new_rows = [
+        {"id": 100, "title": "New", "body": "a recent row", "year": 2025},
+        {"id": 101, "title": "Old", "body": "an old row", "year": 2001},
+    ]
+    write_source(tmp_path / "source", new_rows)
+    write_target(tmp_path / "target", new_rows, encoder, identity, source=tmp_path / "source")
+
+    outcome = served.refresh()
+    after = served.current
+    scans.clear()
+    rows = after.slots_where(WHERE)
+    keyword_keys = after.keyword_keys(rows)
+
+    assert outcome.changed and after is not before
+    assert scans == []  # prepared by the refresh, before the swap
+    assert keys_of(after, rows) == [*range(10, 16), 100]
+    assert sorted(keyword_keys) == sorted(f"[{i}]" for i in [*range(10, 16), 100])
