@@ -6,7 +6,9 @@ Set ``DELTAVEC_TEST_FAULTS`` to a comma-separated list of ``point:action[:probab
   (the MERGE of existing keys committed, the append of new keys not yet),
   ``after_merge`` (target and quarantine committed, Spark's checkpoint commit not
   yet written: the window where a crash makes Spark replay a batch Delta already
-  holds), and ``reembed_chunk`` / ``before_swap`` in ``deltavec reembed``;
+  holds), ``warm_snapshot`` (the sink's background read of the version a batch
+  just wrote, off the batch's path), and ``reembed_chunk`` / ``before_swap`` in
+  ``deltavec reembed``;
 * actions: ``kill`` sends SIGKILL to this process (a crashed driver), ``raise``
   raises ``InjectedFault`` once per process (a failed batch).
 
