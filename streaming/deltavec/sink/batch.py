@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -257,11 +258,10 @@ class MergeSink:
                 mode=self.mode,
                 batch_version=report.source_version,
             ).persist(StorageLevel.MEMORY_AND_DISK)
-            self._count_actions(acts, report)
             keyed = acts.where(~F.col(IS_DUPLICATE) & ~changes.any_null(self.keys))
             # The target rows of this batch's keys, read once from the files whose key
             # range can hold them: for skipping unchanged text and for the MERGE.
-            key_filter = self.writer.key_filter(keyed)
+            key_filter = self._survey(acts, keyed, report)
             existing = self.writer.existing(spark, keyed, key_filter).persist(
                 StorageLevel.MEMORY_AND_DISK
             )
@@ -355,32 +355,76 @@ class MergeSink:
                 ", ".join(map(str, versions[:10])) + (", ..." if len(versions) > 10 else ""),
             )
 
-    def _count_actions(self, acts: DataFrame, report: BatchReport) -> None:
-        # One small aggregate (one Spark job) yields every count the report needs.
-        groups = acts.groupBy(IS_DUPLICATE, OP, PROBLEM).count().collect()
-        for group in groups:
-            rows, problem = int(group["count"]), group[PROBLEM]
+    def _survey(self, acts: DataFrame, keyed: DataFrame, report: BatchReport) -> KeyFilter | None:
+        """Count the batch's actions into ``report`` and return its key filter.
+
+        A small batch (the usual one of a running stream) comes to the driver whole,
+        flags and keys but no text, in one query: on a few cores, planning two more
+        (an aggregate for the counts, a distinct for the keys) costs more than the
+        rows. A larger one pays for that look (at most ``max_listed_keys + 1`` rows)
+        and is then counted by an aggregate, its keys bounded by
+        ``TargetWriter.key_filter``.
+        """
+        from pyspark.sql import functions as F
+
+        first = self.keys[0]
+        limit = self.writer.layout.max_listed_keys
+        rows = (
+            acts.select(
+                F.col(first).alias("key"),
+                changes.any_null(self.keys).alias("keyless"),
+                IS_DUPLICATE,
+                OP,
+                PROBLEM,
+                KEY_JSON,
+            )
+            .limit(limit + 1)
+            .collect()
+        )
+        if len(rows) > limit:
+            groups = acts.groupBy(IS_DUPLICATE, OP, PROBLEM).count().collect()
+            self._count_actions(
+                [(g[IS_DUPLICATE], g[OP], g[PROBLEM], int(g["count"])) for g in groups],
+                report,
+                lambda: [
+                    r[KEY_JSON]
+                    for r in acts.where(F.col(IS_DUPLICATE)).select(KEY_JSON).limit(5).collect()
+                ],
+            )
+            return self.writer.key_filter(keyed)
+        counts = Counter((r[IS_DUPLICATE], r[OP], r[PROBLEM]) for r in rows)
+        self._count_actions(
+            [(*group, n) for group, n in counts.items()],
+            report,
+            lambda: [r[KEY_JSON] for r in rows if r[IS_DUPLICATE]][:5],
+        )
+        keys = {r["key"] for r in rows if not r[IS_DUPLICATE] and not r["keyless"]}
+        return self.writer.listed_key_filter(keys)
+
+    def _count_actions(
+        self,
+        groups: list[tuple[bool, str, str | None, int]],
+        report: BatchReport,
+        duplicate_sample: Callable[[], list[str]],
+    ) -> None:
+        """Add up ``(duplicate, op, problem, rows)`` groups into the report's counts."""
+        for duplicate, op, problem, rows in groups:
             report.rows += rows
-            if problem is not None and group[OP] == DELETE:
+            if problem is not None and op == DELETE:
                 # A keyless row's delete or preimage: it only takes the row's
                 # quarantine entry out; the target never held it.
                 report.keyless_removals += rows
                 continue
             if problem is not None:
                 report.quarantined[problem] = report.quarantined.get(problem, 0) + rows
-            if group[IS_DUPLICATE]:
+            if duplicate:
                 report.duplicates += rows
-            elif group[OP] == DELETE:
+            elif op == DELETE:
                 report.deletes += rows
             elif problem is None:
                 report.upserts += rows
         if report.duplicates:
-            from pyspark.sql import functions as F
-
-            sample = [
-                r[KEY_JSON]
-                for r in acts.where(F.col(IS_DUPLICATE)).select(KEY_JSON).limit(5).collect()
-            ]
+            sample = duplicate_sample()
             log.warning(
                 "batch %d: %d source rows repeat a key within one commit; kept the row whose "
                 "text hash is greatest, e.g. keys %s",

@@ -11,7 +11,7 @@ This module imports no torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -133,10 +133,10 @@ def frame_key_filter(
 
     keys = frame.select(F.col(column).alias("k")).where(F.col("k").isNotNull()).distinct()
     head = [r[0] for r in keys.limit(max_listed + 1).collect()]
+    if len(head) <= max_listed:
+        return listed_key_filter(head, max_ranges=max_ranges)
     if not all(literal_safe(v) for v in head):
         return None
-    if len(head) <= max_listed:
-        return KeyFilter(ranges=key_ranges(head, max_ranges), values=head)
     # Asked for only now: the small batches of a running stream keep their one
     # small collect, and only a batch of more keys pays a second job.
     if max_collected > max_listed:
@@ -158,6 +158,14 @@ def frame_key_filter(
     if not all(literal_safe(v) for pair in ranges for v in pair):
         return None
     return KeyFilter(ranges=merge_ranges(ranges, max_ranges))
+
+
+def listed_key_filter(values: Collection[Any], *, max_ranges: int) -> KeyFilter | None:
+    """The filter of distinct keys already on the driver; None when one cannot be a literal."""
+    listed = [v for v in values if v is not None]
+    if not all(literal_safe(v) for v in listed):
+        return None
+    return KeyFilter(ranges=key_ranges(listed, max_ranges), values=listed)
 
 
 def ranges_predicate(column: Column, ranges: Sequence[tuple[Any, Any]]) -> Column:

@@ -49,8 +49,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from deltavec.columns import (
     BATCH_SOURCE_VERSION,
@@ -73,6 +74,7 @@ from deltavec.sink.key_filter import (
     PARQUET_IN_THRESHOLD,
     KeyFilter,
     frame_key_filter,
+    listed_key_filter,
 )
 from deltavec.sink.transactions import (
     APPEND_SUFFIX,
@@ -191,6 +193,10 @@ class TargetWriter:
             max_listed=self.layout.max_listed_keys,
             max_collected=self.layout.max_collected_keys,
         )
+
+    def listed_key_filter(self, values: Collection[Any]) -> KeyFilter | None:
+        """The filter of a batch whose distinct first-key values are on the driver."""
+        return listed_key_filter(values, max_ranges=self.layout.max_key_ranges)
 
     def existing(
         self, spark: SparkSession, frame: DataFrame, key_filter: KeyFilter | None
