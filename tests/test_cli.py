@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from deltavec.commands.job import Job
+from deltavec.config import load_config
 from tests.conftest import read_target, write_config, write_rows
 
 pytestmark = pytest.mark.slow
@@ -56,16 +58,11 @@ def test_ctrl_c_stops_the_continuous_job_cleanly(
     # a second run picks up exactly what the first left.
     written = {r["id"] for r in read_target(spark, tmp_path / "target")}
     assert summary["embedded"] == len(written)
-    rerun = subprocess.run(
-        _deltavec("run", "--once", "--config", str(config)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
+    # The next start (here in this process: a second JVM would add half a minute).
+    rerun = Job(load_config(config), spark).run(once=True)
     after = [r["id"] for r in read_target(spark, tmp_path / "target")]
     assert sorted(after) == list(range(80))
-    assert json.loads(rerun.stdout.strip().splitlines()[-1])["embedded"] == 80 - len(written)
+    assert rerun.embedded == 80 - len(written)
 
 
 def test_help_answers_without_starting_spark() -> None:

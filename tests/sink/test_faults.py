@@ -34,13 +34,23 @@ from tests.source_mutator import create
 
 pytestmark = pytest.mark.fault
 
-KILLS = 10
-# Half the runs are killed by the job itself at a chosen point of a micro-batch.
-IN_BATCH_FAULTS = (
-    "after_merge:kill:0.5",
-    "between_writes:kill:0.5",
-    "after_merge:kill:0.5,before_merge:kill:0.2",
+# The kills, in order: in start-up, shortly after a batch committed (often inside
+# the next one), and by the job itself at a chosen point inside a batch (after the
+# MERGE committed but before Spark's checkpoint did, between the target's and the
+# quarantine's writes, before the MERGE). Each kill costs a restart (a JVM and two
+# model loads), so every kind and point is here, none of them many times over.
+PLAN = (
+    ("start-up", None),
+    ("after a batch", None),
+    ("in a batch", "after_merge:kill:0.5"),
+    ("start-up", None),
+    ("after a batch", None),
+    ("in a batch", "between_writes:kill:0.5"),
+    ("start-up", None),
+    ("in a batch", "after_merge:kill:0.5,before_merge:kill:0.2"),
 )
+# After each of these start-up kills, ``quarantine retry`` takes the dead job's lease.
+RETRY_AFTER = (3, 6)
 SPARK_CONF = """
 [spark.conf]
 "spark.ui.enabled" = "false"
@@ -119,17 +129,15 @@ def test_target_converges_to_the_source_through_repeated_sigkills(
     retries = {"refused beside the stream": 0, "between kills": 0}
     try:
         # Kill moments follow the job's own progress, not the clock, so the test
-        # means the same on a fast machine and a busy one. Three kinds, in turn:
-        # during start-up; shortly after a batch committed (often inside the next
-        # one); and by the job itself at a chosen point inside a batch.
-        for run in range(6 * KILLS):
+        # means the same on a fast machine and a busy one. The plan runs again (a
+        # kill more each) until two runs died after a MERGE committed.
+        for run in range(3 * len(PLAN)):
             after_merge = log.read_text(errors="replace").count("kill at after_merge")
-            if sum(kills.values()) >= KILLS and after_merge >= 2:
+            if run >= len(PLAN) and after_merge >= 2:
                 break
-            kind = ("start-up", "after a batch", "in a batch")[run % 3]
-            faults = IN_BATCH_FAULTS[(run // 3) % len(IN_BATCH_FAULTS)]
+            kind, faults = PLAN[run % len(PLAN)]
             fired = log.read_text(errors="replace").count("deltavec-fault: kill at")
-            job = _start(config, log, faults if kind == "in a batch" else None)
+            job = _start(config, log, faults)
             try:
                 committed = _batches_committed(checkpoint)
                 deadline = time.monotonic() + (rng.uniform(2, 12) if kind == "start-up" else 300)
@@ -148,7 +156,7 @@ def test_target_converges_to_the_source_through_repeated_sigkills(
                 died_by_itself = job.poll() is not None
             finally:
                 _kill_group(job)
-            if kind == "start-up" and run % 6 == 3 and retries["between kills"] < 2:
+            if run in RETRY_AFTER:
                 between = _retry(config)
                 assert between.returncode == 0, between.stderr[-3000:]
                 retries["between kills"] += 1
@@ -157,7 +165,7 @@ def test_target_converges_to_the_source_through_repeated_sigkills(
                 assert log.read_text(errors="replace").count("deltavec-fault: kill at") > fired
             kills[kind] += 1
         else:
-            pytest.fail(f"could not reach {KILLS} kills with two after MERGE: {kills}")
+            pytest.fail(f"no two kills after a MERGE in {3 * len(PLAN)} runs: {kills}")
     finally:
         stop.touch()
         mutator.wait(timeout=120)

@@ -146,6 +146,9 @@ def test_optimize_and_vacuum_while_the_stream_writes_lose_nothing(
             time.sleep(0.5)
 
     spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+    # VACUUM lists the table in this many tasks (10,000 by default): 35-50 s of task
+    # overhead per VACUUM on two cores, and the stream's jobs queue behind them.
+    spark.conf.set("spark.sql.sources.parallelPartitionDiscovery.parallelism", "2")
     conflicts: list[str] = []
     transactions.on_retry(conflicts.append)
     maintainer = threading.Thread(target=maintain)
@@ -179,6 +182,7 @@ def test_optimize_and_vacuum_while_the_stream_writes_lose_nothing(
         runner.join(timeout=600)
         transactions._retries_listeners.remove(conflicts.append)
         spark.conf.unset("spark.databricks.delta.retentionDurationCheck.enabled")
+        spark.conf.unset("spark.sql.sources.parallelPartitionDiscovery.parallelism")
 
     assert not failures, failures
     # What the continuous run had not reached yet, drained in larger batches.
