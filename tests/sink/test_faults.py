@@ -36,9 +36,10 @@ pytestmark = pytest.mark.fault
 
 # The kills, in order: in start-up, shortly after a batch committed (often inside
 # the next one), and by the job itself at a chosen point inside a batch (after the
-# MERGE committed but before Spark's checkpoint did, between the target's and the
-# quarantine's writes, before the MERGE). Each kill costs a restart (a JVM and two
-# model loads), so every kind and point is here, none of them many times over.
+# MERGE committed but before Spark's checkpoint did, between the MERGE of existing
+# keys and the append of new ones, now and then before the MERGE). Each kill costs a
+# restart (a JVM and two model loads), so every kind and point is here, none of
+# them many times over.
 PLAN = (
     ("start-up", None),
     ("after a batch", None),
