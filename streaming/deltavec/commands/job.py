@@ -400,6 +400,9 @@ class Job:
             .foreachBatch(self.sink)
         )
         if once:
+            # Spark fixes the drain's end when the query starts, at this version or a
+            # newer one: the sink prepares no target version after it.
+            self.sink.drain_through = tables.latest_version(spark, cfg.source)
             writer = writer.trigger(availableNow=True)
         else:
             writer = writer.trigger(processingTime=cfg.trigger.interval)

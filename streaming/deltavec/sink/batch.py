@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from deltavec.checkpointing.checkpoint import Checkpoint
+from deltavec.checkpointing.checkpoint import Checkpoint, DeltaOffset
 from deltavec.columns import (
     BATCH_SOURCE_VERSION,
     BATCH_TEXT_HASH,
@@ -189,6 +189,9 @@ class MergeSink:
         self.idle.set()
         self._app_id = app_id
         self.source_columns = source_columns
+        # For a query that drains what the source holds and stops (``availableNow``):
+        # the newest source version when it started; None for a continuous query.
+        self.drain_through: int | None = None
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         self._check_lease(batch_id)
@@ -237,6 +240,7 @@ class MergeSink:
         report = BatchReport(batch_id=batch_id, source_version=source_version)
         clock = _Clock(report.seconds)
         # Append mode stamps rows with this version; both modes log it.
+        offset = None
         if source_version is None:
             offset = self.checkpoint.offset(batch_id)
             report.source_version = offset.last_version if offset else None
@@ -319,7 +323,7 @@ class MergeSink:
             embedded.unpersist()
             existing.unpersist()
             acts.unpersist()
-        if wrote_target and not self.stopping.is_set():
+        if wrote_target and not self.stopping.is_set() and self._may_be_followed(offset):
             # The next batch reads the version this one wrote: plan it while the
             # job waits for the next trigger (deltavec.sink.snapshot_warmer).
             self.warmer.warm(spark, key_filter)
@@ -330,6 +334,15 @@ class MergeSink:
         """Wait for the last batch's background work (at most ``timeout`` seconds) and
         let its threads go; the sink takes no batch after this."""
         self.warmer.close(timeout)
+
+    def _may_be_followed(self, offset: DeltaOffset | None) -> bool:
+        """False when no batch follows this one: the last batch of a drain, or a batch
+        that is not the stream's (``quarantine retry`` writes one). Preparing the
+        target for a batch that never comes would only hold up the end of
+        ``run --once``, which waits for it in ``close``."""
+        if offset is None:
+            return False
+        return self.drain_through is None or offset.processed_through < self.drain_through
 
     def _note_skipped_commits(
         self, spark: SparkSession, batch_id: int, report: BatchReport
