@@ -35,6 +35,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # them); see the ``spark`` fixture. Nothing here changes what a job computes.
 SHORT_LIVED_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 os.environ.setdefault("JDK_JAVA_OPTIONS", SHORT_LIVED_JVM)
+# Those jobs start from the classes the first of them loaded (deltavec.runtime.class_archive),
+# kept with the suite's other caches rather than in the user's.
+os.environ.setdefault("DELTAVEC_CLASS_ARCHIVE_DIR", str(REPO / ".pytest_cache" / "jvm-classes"))
 
 
 def shared_data_dir() -> Path:
@@ -84,6 +87,9 @@ def spark() -> Iterator[Any]:
                 "spark.sql.warehouse.dir": str(warehouse),
                 "spark.driver.memory": "2g",
             },
+            # This JVM lives as long as the suite: claiming the archive's writing, it
+            # would leave none for the jobs the tests start as processes.
+            class_archive=False,
         )
     finally:
         if java_options is not None:

@@ -267,6 +267,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         master="local[1]" if spark_cfg.master is not None else None,
         app_name=f"{spark_cfg.app_name}-status",
         conf={"spark.ui.enabled": "false", **spark_cfg.conf},
+        class_archive=spark_cfg.class_archive,
     )
     status = job_status(spark, config)
     print(json.dumps(status, indent=2) if args.json else format_status(status))

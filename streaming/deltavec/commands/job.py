@@ -101,6 +101,7 @@ class Job:
                 app_name=cfg.app_name,
                 conf=cfg.conf,
                 ship_package=cfg.ship_package,
+                class_archive=cfg.class_archive,
             )
         return self._spark
 

@@ -20,12 +20,14 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from deltavec.runtime.class_archive import driver_java_options
 from deltavec.sink.key_filter import IN_LIST_VALUES, PARQUET_IN_THRESHOLD
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 SCALA_BINARY = "2.13"
+_DRIVER_JAVA_OPTIONS = "spark.driver.extraJavaOptions"
 
 
 def delta_packages() -> list[str]:
@@ -92,12 +94,24 @@ def _in_process(master: str) -> bool:
     return master == "local" or master.startswith("local[")
 
 
+def _launches_jvm() -> bool:
+    """Whether creating a session here starts a driver JVM whose options are ours to add
+    to: not under spark-submit (the JVM runs already), not when a Spark defaults file
+    sets the driver's options (ours would replace them)."""
+    if os.environ.get("PYSPARK_GATEWAY_PORT"):
+        return False
+    conf_dir = Path(os.environ.get("SPARK_CONF_DIR") or spark_home() / "conf")
+    defaults = conf_dir / "spark-defaults.conf"
+    return not (defaults.is_file() and _DRIVER_JAVA_OPTIONS in defaults.read_text())
+
+
 def build_session(
     *,
     master: str | None,
     app_name: str,
     conf: Mapping[str, str] | None = None,
     ship_package: bool = True,
+    class_archive: bool = True,
 ) -> SparkSession:
     """Create (or join) the SparkSession the job runs in.
 
@@ -108,6 +122,8 @@ def build_session(
         conf: extra Spark settings; they win over deltavec's defaults.
         ship_package: on a cluster master, send this process's ``deltavec``
             package to the executors (a session that already exists is left as is).
+        class_archive: start a driver JVM that this process launches from the
+            classes an earlier run loaded (``deltavec.runtime.class_archive``).
     """
     from pyspark.sql import SparkSession
 
@@ -137,6 +153,11 @@ def build_session(
     if packages:
         settings["spark.jars.packages"] = ",".join(packages)
     settings.update(user_conf)
+    if class_archive and _launches_jvm():
+        options = driver_java_options(spark_home(), settings.get("spark.jars.packages", ""))
+        if options:
+            own = settings.get(_DRIVER_JAVA_OPTIONS, "")
+            settings[_DRIVER_JAVA_OPTIONS] = f"{own} {options}".strip()
 
     builder = SparkSession.builder.appName(app_name)
     if master:
