@@ -98,10 +98,14 @@ def _adopt_finished(folder: Path, key: str, final: Path) -> None:
         try:
             with part.open("rb") as f:
                 whole = f.read(len(_DYNAMIC_MAGIC)) == _DYNAMIC_MAGIC
-            if whole and not final.exists():
-                os.replace(part, final)
+            if whole:
+                if final.exists():
+                    part.unlink(missing_ok=True)
+                else:
+                    os.replace(part, final)
+                # The run that claimed the writing has written.
                 (folder / f"{key}.claim").unlink(missing_ok=True)
-            elif whole or now - part.stat().st_mtime > _PART_MAX_AGE_S:
+            elif now - part.stat().st_mtime > _PART_MAX_AGE_S:
                 part.unlink(missing_ok=True)
         except FileNotFoundError:
             continue  # another start adopted or removed it
