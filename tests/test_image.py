@@ -354,8 +354,9 @@ _WRITE_AND_READ_DELTA = textwrap.dedent(
     """
     import sys
     from deltavec.runtime.session import build_session
+    # A one-off check of a throw-away installation: no class archive to keep.
     spark = build_session(master="local[1]", app_name="image-check",
-                          conf={"spark.ui.enabled": "false"})
+                          conf={"spark.ui.enabled": "false"}, class_archive=False)
     assert "spark.jars.packages" not in dict(spark.sparkContext.getConf().getAll())
     spark.range(3).write.format("delta").save(sys.argv[1])
     print(f"rows={spark.read.format('delta').load(sys.argv[1]).count()}")

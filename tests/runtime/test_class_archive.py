@@ -61,6 +61,18 @@ def test_an_archive_cut_short_is_never_adopted(tmp_path: Path) -> None:
     assert part.exists() and not list(tmp_path.glob("*.jsa"))
 
 
+def test_a_day_old_part_of_any_set_up_is_dropped(tmp_path: Path) -> None:
+    # Another Spark's archives: one written a minute ago, one two days ago that no
+    # start of that Spark came to adopt (a throw-away installation's).
+    recent, stale = tmp_path / "0123abcd.a.part", tmp_path / "0123abcd.b.part"
+    for part in (recent, stale):
+        part.write_bytes(b"\xa8\xab\x0b\xf0" + bytes(100))
+    old = time.time() - 2 * 86_400
+    os.utime(stale, (old, old))
+    assert class_archive.driver_java_options(spark_home(), PACKAGES, tmp_path)
+    assert recent.exists() and not stale.exists()
+
+
 def test_a_claim_left_by_a_dead_run_is_taken_over(tmp_path: Path) -> None:
     assert class_archive.driver_java_options(spark_home(), PACKAGES, tmp_path)
     claim = next(tmp_path.glob("*.claim"))

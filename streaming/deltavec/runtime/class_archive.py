@@ -92,21 +92,24 @@ def _key(spark_home: Path, packages: str) -> str | None:
 
 
 def _adopt_finished(folder: Path, key: str, final: Path) -> None:
-    """Move a whole archive a run wrote into place; drop old parts that never finished."""
+    """Move a whole archive a run wrote into place; drop a day-old part of any set-up
+    (one never finished, or one of a Spark no run has started since)."""
     now = time.time()
-    for part in folder.glob(f"{key}.*.part"):
+    for part in folder.glob("*.part"):
         try:
             with part.open("rb") as f:
                 whole = f.read(len(_DYNAMIC_MAGIC)) == _DYNAMIC_MAGIC
-            if whole:
+            if now - part.stat().st_mtime > _PART_MAX_AGE_S:
+                part.unlink(missing_ok=True)
+            elif not part.name.startswith(f"{key}."):
+                continue
+            elif whole:
                 if final.exists():
                     part.unlink(missing_ok=True)
                 else:
                     os.replace(part, final)
                 # The run that claimed the writing has written.
                 (folder / f"{key}.claim").unlink(missing_ok=True)
-            elif now - part.stat().st_mtime > _PART_MAX_AGE_S:
-                part.unlink(missing_ok=True)
         except FileNotFoundError:
             continue  # another start adopted or removed it
 
