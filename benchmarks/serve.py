@@ -13,6 +13,11 @@ serve``). Clients on loopback run 16 concurrent request loops per mode for
 * ``hybrid``: both, fused by reciprocal rank;
 * ``vector_where``: vector search restricted by ``year >= 2020`` (about 40% of rows).
 
+Then, with ``--paced`` (by default vector at 150 queries/s, the QPS target, and
+hybrid at 75), requests go out at a fixed rate whatever the answers: the latency
+at that load, where the closed loops above give the most queries the server
+answers (and, with 16 loops, a latency of 16 / QPS).
+
 Meanwhile a writer commits a 1,000-row MERGE (500 updated keys, 500 new) to
 the target and the source every 10 s; the server refreshes every 2 s. Reported
 per mode: QPS, p50/p99 latency, errors; and the refreshes the server applied.
@@ -203,6 +208,56 @@ async def load(url: str, mode: str, seconds: float, rows: int) -> dict[str, Any]
     }
 
 
+async def paced(url: str, mode: str, seconds: float, rows: int, rate: float) -> dict[str, Any]:
+    """Requests sent at ``rate`` a second whatever the answers (an open loop), on at
+    most 16 connections: the latency at that load.
+
+    Each request's latency runs from when it was due, not from when a connection
+    was free, so an answer that holds the next request back counts against it too
+    (no coordinated omission).
+    """
+    import aiohttp
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    rng = np.random.default_rng(7)
+
+    async def one(session: aiohttp.ClientSession, due: float, body: dict[str, Any]) -> None:
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        try:
+            async with session.post(f"{url}/search", json=body) as response:
+                await response.read()
+                ok, reason = response.status == 200, str(response.status)
+        except aiohttp.ClientError as exc:
+            ok, reason = False, type(exc).__name__
+        if ok:
+            latencies.append(time.perf_counter() - due)
+        else:
+            errors[reason] = errors.get(reason, 0) + 1
+
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async with session.post(f"{url}/search", json=query_for(rng, mode, rows)) as response:
+            await response.read()
+        started = time.perf_counter() + 0.1
+        bodies = [{**query_for(rng, mode, rows), "k": 10} for _ in range(int(seconds * rate))]
+        await asyncio.gather(
+            *(one(session, started + i / rate, body) for i, body in enumerate(bodies))
+        )
+        took = time.perf_counter() - started
+    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {
+        "offered_qps": rate,
+        "qps": round(len(latencies) / took, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "requests": len(latencies),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+    }
+
+
 def scrape(url: str, name: str, **labels: str) -> float:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
@@ -219,6 +274,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--seconds", type=float, default=30.0, help="per mode")
     parser.add_argument("--port", type=int, default=18080)
+    parser.add_argument(
+        "--paced",
+        nargs="*",
+        default=["vector=150", "hybrid=75"],
+        metavar="MODE=QPS",
+        help="then each MODE at a fixed QPS (an open loop), for the latency at that load",
+    )
     args = parser.parse_args()
 
     import httpx
@@ -260,6 +322,11 @@ def main() -> None:
         for mode in ("vector", "keyword", "hybrid", "vector_where"):
             results[mode] = asyncio.run(load(url, mode, args.seconds, args.rows))
             print(mode, results[mode], flush=True)
+        at_rate = {}
+        for pace in args.paced:
+            mode, rate = pace.split("=")
+            at_rate[mode] = asyncio.run(paced(url, mode, args.seconds, args.rows, float(rate)))
+            print(mode, "paced", at_rate[mode], flush=True)
         stop.set()
         writer.join()
         applied = scrape(url, "deltavec_serve_refreshes_total", outcome="applied")
@@ -293,6 +360,7 @@ def main() -> None:
                 "build_seconds": round(built, 1),
                 "server_ready_seconds": round(ready, 1),
                 "modes": results,
+                "paced": at_rate,
                 "merges_committed": len(merges),
                 "refreshes_applied": int(applied),
                 "refreshes_failed": int(failed),
