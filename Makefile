@@ -61,7 +61,8 @@ bench-int8: setup
 bench-search: setup
 	$(BIN)/python benchmarks/search.py
 
-# `deltavec serve` under 16 concurrent clients per mode while 1,000-row MERGEs land (~3 min).
+# `deltavec serve` under 16 concurrent clients per mode, then at fixed rates, while
+# 1,000-row MERGEs land (~4 min).
 bench-serve: setup
 	$(BIN)/python benchmarks/serve.py
 
