@@ -158,6 +158,30 @@ def query_for(rng: np.random.Generator, mode: str, rows: int) -> dict[str, Any]:
     return body
 
 
+async def _search(session: Any, url: str, body: dict[str, Any]) -> str | None:
+    """POST one search; None when it was answered, else what went wrong."""
+    import aiohttp
+
+    try:
+        async with session.post(f"{url}/search", json=body) as response:
+            await response.read()
+            return None if response.status == 200 else str(response.status)
+    except aiohttp.ClientError as exc:
+        return type(exc).__name__
+
+
+def _summary(latencies: list[float], errors: dict[str, int], took: float) -> dict[str, Any]:
+    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {
+        "qps": round(len(latencies) / took, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "requests": len(latencies),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+    }
+
+
 async def load(url: str, mode: str, seconds: float, rows: int) -> dict[str, Any]:
     """16 closed request loops on one aiohttp session for ``seconds``.
 
@@ -176,36 +200,20 @@ async def load(url: str, mode: str, seconds: float, rows: int) -> dict[str, Any]
         while time.perf_counter() < deadline:
             body = {**query_for(rng, mode, rows), "k": 10}
             started = time.perf_counter()
-            try:
-                async with session.post(f"{url}/search", json=body) as response:
-                    await response.read()
-                    ok = response.status == 200
-                    reason = str(response.status)
-            except aiohttp.ClientError as exc:
-                ok, reason = False, type(exc).__name__
-            if ok:
+            failure = await _search(session, url, body)
+            if failure is None:
                 latencies.append(time.perf_counter() - started)
             else:
-                errors[reason] = errors.get(reason, 0) + 1
+                errors[failure] = errors.get(failure, 0) + 1
 
     connector = aiohttp.TCPConnector(limit=CONCURRENCY)
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        warm_up = {**query_for(np.random.default_rng(99), mode, rows)}
-        async with session.post(f"{url}/search", json=warm_up) as response:
-            await response.read()
+        await _search(session, url, query_for(np.random.default_rng(99), mode, rows))
         started = time.perf_counter()
         await asyncio.gather(*(loop(w, session) for w in range(CONCURRENCY)))
         took = time.perf_counter() - started
-    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
-    return {
-        "qps": round(len(latencies) / took, 1),
-        "p50_ms": round(float(np.percentile(ms, 50)), 1),
-        "p99_ms": round(float(np.percentile(ms, 99)), 1),
-        "requests": len(latencies),
-        "errors": sum(errors.values()),
-        "error_kinds": errors,
-    }
+    return _summary(latencies, errors, took)
 
 
 async def paced(url: str, mode: str, seconds: float, rows: int, rate: float) -> dict[str, Any]:
@@ -224,38 +232,23 @@ async def paced(url: str, mode: str, seconds: float, rows: int, rate: float) -> 
 
     async def one(session: aiohttp.ClientSession, due: float, body: dict[str, Any]) -> None:
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
-        try:
-            async with session.post(f"{url}/search", json=body) as response:
-                await response.read()
-                ok, reason = response.status == 200, str(response.status)
-        except aiohttp.ClientError as exc:
-            ok, reason = False, type(exc).__name__
-        if ok:
+        failure = await _search(session, url, body)
+        if failure is None:
             latencies.append(time.perf_counter() - due)
         else:
-            errors[reason] = errors.get(reason, 0) + 1
+            errors[failure] = errors.get(failure, 0) + 1
 
     connector = aiohttp.TCPConnector(limit=CONCURRENCY)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        async with session.post(f"{url}/search", json=query_for(rng, mode, rows)) as response:
-            await response.read()
+        await _search(session, url, query_for(rng, mode, rows))
         started = time.perf_counter() + 0.1
         bodies = [{**query_for(rng, mode, rows), "k": 10} for _ in range(int(seconds * rate))]
         await asyncio.gather(
             *(one(session, started + i / rate, body) for i, body in enumerate(bodies))
         )
         took = time.perf_counter() - started
-    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
-    return {
-        "offered_qps": rate,
-        "qps": round(len(latencies) / took, 1),
-        "p50_ms": round(float(np.percentile(ms, 50)), 1),
-        "p99_ms": round(float(np.percentile(ms, 99)), 1),
-        "requests": len(latencies),
-        "errors": sum(errors.values()),
-        "error_kinds": errors,
-    }
+    return {"offered_qps": rate, **_summary(latencies, errors, took)}
 
 
 def scrape(url: str, name: str, **labels: str) -> float:

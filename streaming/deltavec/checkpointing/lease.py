@@ -44,11 +44,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deltavec.checkpointing.lease_stores import LeaseStore
 from deltavec.errors import CheckpointError
+from deltavec.runtime.processes import process_alive, process_start
 
 if TYPE_CHECKING:
     pass
@@ -92,26 +92,6 @@ class Holder:
         return f"pid {self.pid} on {self.host}"
 
 
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of a process (Linux), to tell a live owner from a reused pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 22; the command name (field 2) may contain spaces, so count from its end.
-    return stat[stat.rfind(")") + 2 :].split()[19]
-
-
-def _process_alive(pid: int, started: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return started is None or _process_start(pid) in (None, started)
-
-
 class CheckpointLease:
     """The lease one job holds on one checkpoint.
 
@@ -137,7 +117,7 @@ class CheckpointLease:
         self.owner = uuid.uuid4().hex
         self.host = socket.gethostname()
         self.pid = os.getpid()
-        self.started = _process_start(self.pid)
+        self.started = process_start(self.pid)
         self.generation: int | None = None
         self._beat = 0
         self._lost = threading.Event()
@@ -272,7 +252,7 @@ class CheckpointLease:
             return False
         if holder.released:
             return True
-        return holder.host == self.host and not _process_alive(holder.pid, holder.started)
+        return holder.host == self.host and not process_alive(holder.pid, holder.started)
 
     def _prune(self, *, below: int) -> None:
         # Old generations only tell history; keep the folder small.

@@ -30,6 +30,8 @@ import uuid
 from importlib.metadata import version
 from pathlib import Path
 
+from deltavec.runtime.processes import process_alive, process_start
+
 log = logging.getLogger(__name__)
 
 ENV_DIR = "DELTAVEC_CLASS_ARCHIVE_DIR"
@@ -126,27 +128,21 @@ def _claim(path: Path) -> bool:
             path.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+            f.write(f"{os.getpid()} {process_start(os.getpid()) or ''}")
         return True
     return False
 
 
 def _stale(path: Path) -> bool:
     try:
-        pid = int(path.read_text() or 0)
+        holder = path.read_text()
         age = time.time() - path.stat().st_mtime
-    except (OSError, ValueError):
+    except OSError:
         return True
-    return age > _CLAIM_GRACE_S and not _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+    if age <= _CLAIM_GRACE_S:
+        return False  # a claim being written, or one whose JVM may still be writing
+    pid, _, started = holder.partition(" ")
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        return not process_alive(int(pid), started.strip() or None)
+    except ValueError:
         return True
-    return True
