@@ -49,6 +49,15 @@ def test_the_first_start_writes_the_archive_and_the_next_maps_it(tmp_path: Path)
     assert other.startswith("-XX:ArchiveClassesAtExit=")
 
 
+def test_a_cache_folder_with_a_space_in_its_name_works(tmp_path: Path) -> None:
+    folder = tmp_path / "my cache"
+    first = class_archive.driver_java_options(spark_home(), PACKAGES, folder)
+    assert _java(first).returncode == 0
+    second = class_archive.driver_java_options(spark_home(), PACKAGES, folder)
+    required = _java(second, "-Xshare:on")
+    assert required.returncode == 0, required.stderr
+
+
 def test_an_archive_cut_short_is_never_adopted(tmp_path: Path) -> None:
     options = class_archive.driver_java_options(spark_home(), PACKAGES, tmp_path)
     assert _java(options).returncode == 0

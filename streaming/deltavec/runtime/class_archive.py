@@ -67,15 +67,21 @@ def driver_java_options(spark_home: Path, packages: str, folder: Path | None = N
         final = folder / f"{key}.jsa"
         _adopt_finished(folder, key, final)
         if final.is_file():
-            return f"-XX:SharedArchiveFile={final} {_QUIET}"
+            return f"{_option('-XX:SharedArchiveFile', final)} {_QUIET}"
         if _claim(folder / f"{key}.claim"):
             part = folder / f"{key}.{uuid.uuid4().hex}.part"
             log.info("the driver JVM will write its classes to %s when it exits", folder)
-            return f"-XX:ArchiveClassesAtExit={part} {_QUIET}"
+            return f"{_option('-XX:ArchiveClassesAtExit', part)} {_QUIET}"
     except OSError as exc:
         # A read-only or full cache only costs the faster start.
         log.debug("no JVM class archive in %s: %s", folder, exc)
     return ""
+
+
+def _option(name: str, path: Path) -> str:
+    # Spark's launcher splits the driver's options at spaces, except inside quotes.
+    option = f"{name}={path}"
+    return f'"{option}"' if any(c.isspace() for c in option) else option
 
 
 def _key(spark_home: Path, packages: str) -> str | None:
