@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from deltavec.embed.balance import spread_by_length
+from deltavec.embed.balance import in_one_task, spread_by_length
 
 
 def _frame(spark: Any, rows: int, *, partitions: int, seed: int = 1) -> Any:
@@ -61,3 +61,16 @@ def test_dealing_is_the_same_on_every_run(spark: Any) -> None:
 
     assert first == second
     frame.unpersist()
+
+
+def test_a_small_batch_goes_to_one_task_longest_first(spark: Any) -> None:
+    """What the sink does with at most ``ONE_TASK_ROWS`` rows: one task, no row lost,
+    longest text first, as ``spread_by_length`` orders a slot."""
+    frame = _frame(spark, 60, partitions=3)
+
+    parts = _partitions(in_one_task(frame, text="text", keys=["id"]))
+
+    assert len(parts) == 1
+    assert sorted(i for i, _ in parts[0]) == list(range(60)), "a row was lost or repeated"
+    lengths = [length for _, length in parts[0]]
+    assert lengths == sorted(lengths, reverse=True)

@@ -39,7 +39,7 @@ from deltavec.columns import (
     UPSERT,
 )
 from deltavec.config import TableRef
-from deltavec.embed.balance import spread_by_length
+from deltavec.embed.balance import in_one_task, spread_by_length
 from deltavec.errors import CheckpointError
 from deltavec.observe.logs import kv
 from deltavec.runtime import delta_log, faults
@@ -494,8 +494,9 @@ class MergeSink:
         # slowest task: give every slot the same amount of text (deltavec.embed.balance).
         # A few rows are model work of milliseconds, less than a task costs: one
         # task (one Python worker, one model copy at start-up) embeds them.
-        slots = 1 if rows <= ONE_TASK_ROWS else self.parallelism
-        return spread_by_length(frame, slots=slots, text=TEXT, keys=self.keys)
+        if rows <= ONE_TASK_ROWS:
+            return in_one_task(frame, text=TEXT, keys=self.keys)
+        return spread_by_length(frame, slots=self.parallelism, text=TEXT, keys=self.keys)
 
     # -- writes ------------------------------------------------------------------------
 
