@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -297,3 +298,23 @@ def test_secrets_stay_out_of_errors_and_logs(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert secret not in result.stdout + result.stderr
     assert f"deltavec: error: source table {tmp_path / 'source'} does not exist" in result.stderr
+
+
+def test_a_set_up_error_waits_for_the_model_still_loading(
+    spark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that exits while a thread still imports torch aborts (SIGABRT) instead
+    of exiting 2 with the error's line: ``run`` returns only once the load has ended."""
+    from deltavec.errors import SourceError
+
+    slow_load = Job._load_model
+
+    def _load_model(self: Job) -> Any:
+        time.sleep(3)  # a driver whose JVM started before torch was imported
+        return slow_load(self)
+
+    monkeypatch.setattr(Job, "_load_model", _load_model)
+    job = Job(load_config(write_config(tmp_path)), spark)  # no source table
+    with pytest.raises(SourceError, match="does not exist"):
+        job.run(once=True)
+    assert job._model_load is not None and job._model_load.done()

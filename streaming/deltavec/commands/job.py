@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -310,6 +310,12 @@ class Job:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
+        if self._model_load is not None:
+            # A set-up error can come while the driver still imports torch on the
+            # loading thread; the interpreter's exit would then abort the process
+            # ("terminate called without an active exception") instead of exiting
+            # with the error's one line. Let the load end first.
+            wait([self._model_load])
 
     def _checked_checkpoint_notes(
         self, spark: SparkSession, checkpoint: Checkpoint
