@@ -4,7 +4,11 @@ Builds a 100,000-row target (synthetic 384-dim vectors recorded under the defaul
 model's identity, so the server loads the real model for the queries) and a
 source of the same keys with text (a title, a body of vocabulary words, a
 product code unique to the row, a year), written with delta-rs in files of
-10,000 rows. The server runs as its own process (``python -m deltavec.cli
+10,000 rows. The vectors lie in clusters (as ``benchmarks/search.py`` makes
+them) around the model's own embeddings of 2,000 texts of the same vocabulary,
+so the queries' vectors fall among the rows' as real ones would: random
+vectors would leave every query equally far from all rows, and an approximate
+index nothing to find. The server runs as its own process (``python -m deltavec.cli
 serve``). Clients on loopback run 16 concurrent request loops per mode for
 ``--seconds`` each:
 
@@ -16,14 +20,19 @@ serve``). Clients on loopback run 16 concurrent request loops per mode for
 Then, with ``--paced`` (by default vector at 150 queries/s, the QPS target, and
 hybrid at 75), requests go out at a fixed rate whatever the answers: the latency
 at that load, where the closed loops above give the most queries the server
-answers (and, with 16 loops, a latency of 16 / QPS).
+answers (and, with 16 loops, a latency of 16 / QPS). ``targets_met`` judges
+latency at the offered rate (vector at 150/s: the QPS target) and QPS from the
+closed loops.
 
 Meanwhile a writer commits a 1,000-row MERGE (500 updated keys, 500 new) to
 the target and the source every 10 s; the server refreshes every 2 s. Reported
-per mode: QPS, p50/p99 latency, errors; and the refreshes the server applied.
-The last line printed is one JSON object.
+per mode: QPS, p50/p99 latency, errors; the refreshes the server applied; how
+it ranked vector queries (``--index``, passed to the server: by default
+approximate at this size) and their recall@10 against exact search of the
+version served. The last line printed is one JSON object.
 
-    python benchmarks/serve.py                # about 3 minutes
+    python benchmarks/serve.py                # about 4 minutes
+    python benchmarks/serve.py --index exact  # every query scans every vector
     python benchmarks/serve.py --seconds 10 --rows 20000
 """
 
@@ -48,6 +57,8 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "streaming"))
 sys.path.insert(0, str(REPO))
+
+from benchmarks.search import CLUSTERS, clustered  # noqa: E402
 
 DIM = 384
 FILE_ROWS = 10_000
@@ -82,9 +93,23 @@ def texts(ids: np.ndarray, rng: np.random.Generator, edition: int = 0) -> pa.Tab
     )
 
 
-def vectors_for(ids: np.ndarray, rng: np.random.Generator, identity: str) -> pa.Table:
-    v = rng.standard_normal((len(ids), DIM), dtype=np.float32)
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
+def centres_from_model() -> np.ndarray:
+    """The default model's vectors of CLUSTERS texts of the benchmark's vocabulary."""
+    from deltavec.embed.encoder import EncoderSpec
+    from deltavec.embed.models import resolve_model
+    from deltavec.embed.udf import get_encoder
+
+    rng = np.random.default_rng(3)
+    topics = [" ".join(rng.choice(_WORDS, 6)) for _ in range(CLUSTERS)]
+    encoder = get_encoder(EncoderSpec(model=resolve_model("default"), device="cpu"))
+    vectors, _ = encoder.encode(topics)
+    return np.asarray(vectors, dtype=np.float32)
+
+
+def vectors_for(
+    ids: np.ndarray, rng: np.random.Generator, identity: str, centres: np.ndarray
+) -> pa.Table:
+    v = clustered(rng, centres, len(ids)).astype(np.float32)
     offsets = pa.array(np.arange(0, len(ids) * DIM + 1, DIM, dtype=np.int32))
     return pa.table(
         {
@@ -96,7 +121,7 @@ def vectors_for(ids: np.ndarray, rng: np.random.Generator, identity: str) -> pa.
     )
 
 
-def build(root: Path, rows: int, identity: str) -> tuple[Path, Path]:
+def build(root: Path, rows: int, identity: str, centres: np.ndarray) -> tuple[Path, Path]:
     from deltalake import DeltaTable, write_deltalake
 
     rng = np.random.default_rng(0)
@@ -104,7 +129,7 @@ def build(root: Path, rows: int, identity: str) -> tuple[Path, Path]:
     for start in range(0, rows, FILE_ROWS):
         ids = np.arange(start, min(rows, start + FILE_ROWS))
         write_deltalake(str(source), texts(ids, rng), mode="append")
-        write_deltalake(str(target), vectors_for(ids, rng, identity), mode="append")
+        write_deltalake(str(target), vectors_for(ids, rng, identity, centres), mode="append")
     DeltaTable(str(target)).alter.set_table_properties(
         {
             "deltavec.model": identity,
@@ -119,8 +144,8 @@ def build(root: Path, rows: int, identity: str) -> tuple[Path, Path]:
     return source, target
 
 
-def merge_loop(source: Path, target: Path, rows: int, identity: str, stop: threading.Event,
-               done: list[float]) -> None:  # fmt: skip
+def merge_loop(source: Path, target: Path, rows: int, identity: str, centres: np.ndarray,
+               stop: threading.Event, done: list[float]) -> None:  # fmt: skip
     """Every MERGE_EVERY s: 500 keys of one file updated, 500 new keys, in both tables."""
     from deltalake import DeltaTable
 
@@ -133,7 +158,7 @@ def merge_loop(source: Path, target: Path, rows: int, identity: str, stop: threa
         started = time.perf_counter()
         for path, data in (
             (source, texts(ids, rng, edition)),
-            (target, vectors_for(ids, rng, identity)),
+            (target, vectors_for(ids, rng, identity, centres)),
         ):
             (
                 DeltaTable(str(path))
@@ -251,6 +276,42 @@ async def paced(url: str, mode: str, seconds: float, rows: int, rate: float) -> 
     return {"offered_qps": rate, **_summary(latencies, errors, took)}
 
 
+def recall_at_10(url: str, target: Path, rows: int, queries: int = 100) -> dict[str, Any]:
+    """Recall@10 of the server's vector search against exact search of the version it serves.
+
+    Called once the target takes no more commits and the server holds its last
+    version; the query vectors come from the server's own ``/embed``.
+    """
+    import httpx
+    from deltalake import DeltaTable
+
+    from deltavec.search import VectorIndex
+
+    latest = DeltaTable(str(target)).version()
+    deadline = time.perf_counter() + 60
+    while httpx.get(f"{url}/healthz").json()["version"] != latest:
+        if time.perf_counter() > deadline:
+            raise SystemExit("the server did not catch up with the target's last version")
+        time.sleep(0.2)
+    rng = np.random.default_rng(11)
+    texts = [query_for(rng, "vector", rows)["query"] for _ in range(queries)]
+    embedded = httpx.post(f"{url}/embed", json={"texts": texts}, timeout=120).json()
+    vectors = np.array(embedded["vectors"], dtype=np.float32)
+    exact = VectorIndex(str(target), version=latest).view().search_many(vectors, 10)
+    overlap = []
+    for text, truth in zip(texts, exact, strict=True):
+        hits = httpx.post(f"{url}/search", json={"query": text, "k": 10}).json()["hits"]
+        found = {h["key"]["id"] for h in hits}
+        overlap.append(len(found & {h.key["id"] for h in truth}) / 10)
+    return {"recall_at_10": round(float(np.mean(overlap)), 4), "queries": queries}
+
+
+def _load_of(summary: dict[str, Any]) -> str:
+    if "offered_qps" in summary:
+        return f"{summary['offered_qps']:g} queries/s offered"
+    return f"{CONCURRENCY} closed loops"
+
+
 def scrape(url: str, name: str, **labels: str) -> float:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
@@ -274,6 +335,11 @@ def main() -> None:
         metavar="MODE=QPS",
         help="then each MODE at a fixed QPS (an open loop), for the latency at that load",
     )
+    parser.add_argument(
+        "--index",
+        choices=("auto", "exact", "approximate"),
+        help="how the server ranks vector queries (default: the server's own, auto)",
+    )
     args = parser.parse_args()
 
     import httpx
@@ -286,11 +352,14 @@ def main() -> None:
     stop = threading.Event()
     try:
         started = time.perf_counter()
-        source, target = build(root, args.rows, identity)
+        centres = centres_from_model()
+        source, target = build(root, args.rows, identity, centres)
         built = time.perf_counter() - started
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "streaming"), str(REPO)])}
         command = [sys.executable, "-m", "deltavec.cli", "serve", "--table", str(target),
                    "--port", str(args.port), "--refresh-seconds", str(REFRESH_SECONDS)]  # fmt: skip
+        if args.index:
+            command += ["--index", args.index]
         started = time.perf_counter()
         log_file = (root / "server.log").open("wb")
         server = subprocess.Popen(command, env=env, stderr=log_file)
@@ -306,9 +375,10 @@ def main() -> None:
                 raise SystemExit(f"the server did not become ready:\n{tail}")
             time.sleep(0.2)
         ready = time.perf_counter() - started
+        index_mode = httpx.get(f"{url}/healthz").json()["index"]
         merges: list[float] = []
         writer = threading.Thread(
-            target=merge_loop, args=(source, target, args.rows, identity, stop, merges)
+            target=merge_loop, args=(source, target, args.rows, identity, centres, stop, merges)
         )
         writer.start()
         results = {}
@@ -322,6 +392,8 @@ def main() -> None:
             print(mode, "paced", at_rate[mode], flush=True)
         stop.set()
         writer.join()
+        recall = recall_at_10(url, target, args.rows)
+        print("vector recall", recall, flush=True)
         applied = scrape(url, "deltavec_serve_refreshes_total", outcome="applied")
         failed = scrape(url, "deltavec_serve_refreshes_total", outcome="failed")
         refresh_count = scrape(url, "deltavec_serve_refresh_seconds_count")
@@ -334,13 +406,18 @@ def main() -> None:
             server.wait(timeout=30)
         shutil.rmtree(root, ignore_errors=True)
 
-    vector, hybrid = results["vector"], results["hybrid"]
+    # Latency is judged at the offered rate (--paced) when there is one: in the
+    # closed loops it is 16 / QPS whatever the server does. QPS from the loops.
+    vector, hybrid = (
+        at_rate.get("vector", results["vector"]),
+        at_rate.get("hybrid", results["hybrid"]),
+    )
     met = {
         "vector_p50_ms": vector["p50_ms"] <= TARGETS["vector_p50_ms"],
         "vector_p99_ms": vector["p99_ms"] <= TARGETS["vector_p99_ms"],
-        "vector_qps": vector["qps"] >= TARGETS["vector_qps"],
+        "vector_qps": results["vector"]["qps"] >= TARGETS["vector_qps"],
         "hybrid_p99_ms": hybrid["p99_ms"] <= TARGETS["hybrid_p99_ms"],
-        "zero_errors": all(r["errors"] == 0 for r in results.values()),
+        "zero_errors": all(r["errors"] == 0 for r in [*results.values(), *at_rate.values()]),
     }
     print(
         json.dumps(
@@ -352,6 +429,8 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "build_seconds": round(built, 1),
                 "server_ready_seconds": round(ready, 1),
+                "index": index_mode,
+                "vector_recall": recall,
                 "modes": results,
                 "paced": at_rate,
                 "merges_committed": len(merges),
@@ -363,6 +442,7 @@ def main() -> None:
                 "final_table_version": int(served_version),
                 "targets": TARGETS,
                 "targets_met": met,
+                "latency_judged_at": {"vector": _load_of(vector), "hybrid": _load_of(hybrid)},
             }
         )
     )

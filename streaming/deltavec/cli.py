@@ -144,6 +144,19 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds between refreshes from the target's log (default 5)",
     )
+    serve.add_argument(
+        "--index",
+        choices=("auto", "exact", "approximate"),
+        default=None,
+        help="rank vector queries exactly or with a FAISS IVF index (default auto: "
+        "approximate from 50,000 rows)",
+    )
+    serve.add_argument(
+        "--nprobe",
+        type=_positive_int,
+        default=None,
+        help="clusters an approximate query visits (default 1/16 of them)",
+    )
     serve.set_defaults(command=cmd_serve)
     return parser
 
@@ -331,6 +344,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     from deltavec.search.cli import run_search
 
     return run_search(args)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

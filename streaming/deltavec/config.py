@@ -233,6 +233,12 @@ class ServeConfig(_Section):
     # The environment variable holding the bearer token (never the token itself:
     # config files end up in repositories).
     token_env: str = Field(default="DELTAVEC_SERVE_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # How vector queries are ranked: "exact" scans every vector; "approximate"
+    # keeps a FAISS IVF index per snapshot (needs faiss-cpu); "auto" is
+    # approximate from 50,000 rows when FAISS is installed, exact below.
+    index: Literal["auto", "exact", "approximate"] = "auto"
+    # Clusters an approximate query visits; 0: 1/16 of them.
+    nprobe: int = Field(default=0, ge=0)
     max_k: int = Field(default=100, ge=1, le=10_000)
     # Texts per /embed or /v1/embeddings request.
     max_texts: int = Field(default=256, ge=1, le=10_000)

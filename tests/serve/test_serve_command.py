@@ -50,8 +50,9 @@ def test_serve_answers_over_http_and_stops_cleanly_on_a_signal(
         "(clients then send 'Authorization: Bearer <token>'), or bind to 127.0.0.1"
     )
 
+    table = str(tmp_path / "target")
     server = subprocess.Popen(
-        _deltavec("serve", "--table", str(tmp_path / "target"), "--port", str(port)),
+        _deltavec("serve", "--table", table, "--port", str(port), "--index", "approximate"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -67,6 +68,7 @@ def test_serve_answers_over_http_and_stops_cleanly_on_a_signal(
                 return False
 
         wait_until(ready, seconds=180, every=0.2)
+        assert httpx.get(f"{url}/healthz").json()["index"] == "approximate"
         found = httpx.post(f"{url}/search", json={"query": "iron oxide", "mode": "hybrid"})
         assert [h["key"] for h in found.json()["hits"]] == [{"id": 1}]
     finally:

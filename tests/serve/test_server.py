@@ -68,7 +68,12 @@ def ids(response: httpx.Response) -> list[int]:
     return [hit["key"]["id"] for hit in response.json()["hits"]]
 
 
-def test_search_modes_filters_and_columns(tables: tuple[Path, Path, list[dict[str, Any]]]) -> None:
+# A target this small is served exactly by default; "approximate" forces the
+# FAISS path (with so few rows every cluster is probed: the same answers).
+@pytest.mark.parametrize("index", ["auto", "approximate"])
+def test_search_modes_filters_and_columns(
+    tables: tuple[Path, Path, list[dict[str, Any]]], index: str
+) -> None:
     _, target, rows = tables
     search = open_search(str(target))
     keys, vectors = search.index.rows()
@@ -76,7 +81,8 @@ def test_search_modes_filters_and_columns(tables: tuple[Path, Path, list[dict[st
     by_id = {r["id"]: r for r in rows}
     query = render(rows[50])  # the row's own text: it scores ~1 with itself
 
-    with serving(target) as (_, client):
+    with serving(target, index=index) as (_, client):
+        served_by = client.get("/healthz").json()["index"]
         plain = client.post("/search", json={"query": query, "k": 5})
         filtered = client.post(
             "/search",
@@ -85,6 +91,7 @@ def test_search_modes_filters_and_columns(tables: tuple[Path, Path, list[dict[st
         keyword = client.post("/search", json={"query": query, "k": 5, "mode": "keyword"})
         hybrid = client.post("/search", json={"query": query, "k": 5, "mode": "hybrid"})
 
+    assert served_by == ("exact" if index == "auto" else "approximate")
     expected = all_ids[np.argsort(-(vectors @ search.embed(query)), kind="stable")[:5]].tolist()
     assert ids(plain) == expected
     body = plain.json()
@@ -104,11 +111,12 @@ def test_search_modes_filters_and_columns(tables: tuple[Path, Path, list[dict[st
     assert all("vector_rank" in h and "keyword_rank" in h for h in hybrid.json()["hits"])
 
 
+@pytest.mark.parametrize("index", ["auto", "approximate"])
 def test_a_rare_identifier_is_found_by_hybrid_not_vector_and_deletes_leave_both_rankings(
-    tables: tuple[Path, Path, list[dict[str, Any]]],
+    tables: tuple[Path, Path, list[dict[str, Any]]], index: str
 ) -> None:
     source, target, _ = tables
-    with serving(target, refresh_seconds=0.2) as (_, client):
+    with serving(target, refresh_seconds=0.2, index=index) as (_, client):
         ask = {"query": "ZQ7731", "k": 10}
         vector = ids(client.post("/search", json=ask))
         keyword = ids(client.post("/search", json={**ask, "mode": "keyword"}))
@@ -222,6 +230,7 @@ def test_healthz_and_metrics(
             "rows": 200,
             "model": identity,
             "keyword_index": True,
+            "index": "exact",  # auto: fewer rows than an approximate index pays off for
         }
         for _ in range(3):
             client.post("/search", json={"query": "gasket"})

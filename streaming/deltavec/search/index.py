@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -59,6 +59,14 @@ class Hit:
     score: float
     source: dict[str, Any] | None = None
     text: str | None = None
+
+
+class Ranker(Protocol):
+    """Ranks query vectors in one fixed version (``IndexView`` exactly, ``IvfView`` not)."""
+
+    def search_many(
+        self, queries: np.ndarray, k: int = 10, *, rows: Sequence[Slots | None] | None = None
+    ) -> list[list[Hit]]: ...
 
 
 class VectorIndex:
@@ -225,7 +233,7 @@ class VectorIndex:
                     report = RefreshReport(
                         state.version, after, rows_added=new.slots, full_reload=True
                     )
-                    self._swap(new, rebuild=True)
+                    self._swap(new)
                 else:
                     report = self._apply_commits(state, after)
             except BaseException:
@@ -242,16 +250,16 @@ class VectorIndex:
             # Deleted rows may come back (or the log no longer says): masks only
             # ever hide rows, so the table is read again whole.
             new = self._load_all()
-            self._swap(new, rebuild=True)
+            self._swap(new)
             return RefreshReport(state.version, after, rows_added=new.slots, full_reload=True)
         compacted = compact(diff.state) if needs_compaction(diff.state) else None
         if compacted is not None:
-            self._swap(compacted, rebuild=True)
+            self._swap(compacted)
         else:
-            self._swap(diff.state, added=diff.added.matrix)
+            self._swap(diff.state)
         return diff.report
 
-    def _swap(self, new: IndexState, *, rebuild: bool = False, added: Any = None) -> None:
+    def _swap(self, new: IndexState) -> None:
         """Make ``new`` the state queries see; FAISS (if set up) changes in the same step.
 
         A search on the FAISS path holds ``_ann_lock`` while it reads the state
@@ -262,17 +270,7 @@ class VectorIndex:
             self._state = new
             return
         with self._ann_lock:
-            old = self._state
-            if rebuild:
-                self._approximate.rebuild(new.blocks)
-                self._approximate.remove(np.flatnonzero(~new.live))
-            else:
-                # The FAISS ids are slots: drop what died among the old ones,
-                # add the new rows, then drop the new rows already deleted.
-                live = new.live
-                self._approximate.remove(np.flatnonzero(old.live & ~live[: old.slots]))
-                self._approximate.add(added, old.slots)
-                self._approximate.remove(old.slots + np.flatnonzero(~live[old.slots :]))
+            self._approximate.follow(self._state, new)
             self._state = new
 
     # -- search -----------------------------------------------------------------------
@@ -287,10 +285,7 @@ class VectorIndex:
         from deltavec.search.approximate import IvfIndex
 
         with self._refreshing:
-            state = self._state
-            index = IvfIndex.train(state.blocks, nlist=nlist, nprobe=nprobe)
-            index.rebuild(state.blocks)
-            index.remove(np.flatnonzero(~state.live))
+            index = IvfIndex.holding(self._state, nlist=nlist, nprobe=nprobe)
             with self._ann_lock:
                 self._approximate = index
 
@@ -462,6 +457,36 @@ class IndexView:
             top = _top_k(picked, k)
             out.append(_hits(state, only.slots[top], picked[top]))
         return out
+
+    def search_within(self, queries: np.ndarray, k: int, rows: Slots) -> list[list[Hit]]:
+        """Exact top k among ``rows`` for each query, reading only those rows' vectors.
+
+        For a filter of few rows: its cost follows the rows, not the table.
+        """
+        if rows.view is not self:
+            raise ValueError("these slots belong to another version of the index")
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim or 1)
+        if k <= 0 or not len(rows):
+            return [[] for _ in range(q.shape[0])]
+        scores = np.ascontiguousarray((self._vectors_at(rows.slots) @ q.T).T)
+        out = []
+        for column in scores:
+            top = _top_k(column, k)
+            out.append(_hits(self.state, rows.slots[top], column[top]))
+        return out
+
+    def _vectors_at(self, slots: np.ndarray) -> np.ndarray:
+        """The vectors of sorted ``slots``, in that order."""
+        parts, offset = [], 0
+        for block in self.state.blocks:
+            lo, hi = np.searchsorted(slots, [offset, offset + len(block)])
+            parts.append(block.matrix[slots[lo:hi] - offset])
+            offset += len(block)
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+
+    def hits(self, slots: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        """``Hit``s (keys and scores) for slots of this version."""
+        return _hits(self.state, slots, scores)
 
     def slots_of(self, keys: pa.Table) -> Slots:
         """The live slots of this version whose keys appear in ``keys``, sorted."""

@@ -210,6 +210,7 @@ def create_app(service: Service) -> FastAPI:
                 "rows": len(snapshot.view),
                 "model": snapshot.model,
                 "keyword_index": snapshot.keywords is not None,
+                "index": "approximate" if snapshot.approximate is not None else "exact",
             }
         )
 
@@ -247,7 +248,7 @@ def run_search(snapshot: Snapshot, body: SearchRequest, limits: ServeLimits) -> 
     scores: dict[str, float] = {}
     keys: dict[str, dict[str, Any]] = {}
     if body.mode != "keyword":
-        _, ranked_by_vector = snapshot.batcher.search(body.query, view, depth, rows)
+        _, ranked_by_vector = snapshot.batcher.search(body.query, snapshot.ranker, depth, rows)
         for found in ranked_by_vector:
             kid = key_id([found.key[n] for n in names])
             vector.append(kid)

@@ -2,7 +2,8 @@
 
 Under load the server embeds whatever queued while the previous batch ran in
 one encode call, then ranks every vector query of one index version with one
-matrix product (a filtered one then keeps only its rows' scores). Both steps
+matrix product (a filtered one then keeps only its rows' scores), or with one
+FAISS search when the snapshot has an approximate index. Both steps
 cost about as much for 16 queries as for one: a short query's encode is
 dominated by each layer's fixed cost, and a matrix-vector product by reading
 the whole matrix from memory (side by side on the 2-core VM: 16 threads each
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import numpy as np
 
 if TYPE_CHECKING:
-    from deltavec.search.index import Hit, IndexView, Slots
+    from deltavec.search.index import Hit, Ranker, Slots
 
 # Texts per encode call: past ~64 short queries a batch stops getting cheaper
 # per text, and the first request in it waits longer.
@@ -48,7 +49,7 @@ class _Job:
     texts: list[str]
     done: Future[Any]
     # For a search: the version to rank in, hits wanted, the filter's slots.
-    view: IndexView | None = None
+    view: Ranker | None = None
     k: int = 0
     rows: Slots | None = None
 
@@ -119,9 +120,9 @@ class QueryBatcher:
         return result
 
     def search(
-        self, text: str, view: IndexView, k: int, rows: Slots | None = None
+        self, text: str, view: Ranker, k: int, rows: Slots | None = None
     ) -> tuple[np.ndarray, list[Hit]]:
-        """The query's vector and its exact top k in ``view`` (only ``rows``, if given)."""
+        """The query's vector and its top k in ``view`` (only ``rows``, if given)."""
         result: tuple[np.ndarray, list[Hit]] = self._submit(
             _Job([text], Future(), view=view, k=k, rows=rows)
         )

@@ -33,6 +33,8 @@ def run_serve(args: argparse.Namespace) -> int:
             host=args.host or settings.host,
             port=settings.port if args.port is None else args.port,
             refresh_seconds=args.refresh_seconds or settings.refresh_seconds,
+            index=args.index or settings.index,
+            nprobe=args.nprobe or settings.nprobe or None,
             token_env=settings.token_env,
             limits=ServeLimits(
                 max_k=settings.max_k,

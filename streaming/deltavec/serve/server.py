@@ -35,6 +35,8 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8080
     refresh_seconds: float = 5.0
+    index: str = "auto"  # exact, approximate or auto (see ServedTarget)
+    nprobe: int | None = None
     token_env: str = DEFAULT_TOKEN_ENV
     limits: ServeLimits = field(default_factory=ServeLimits)
     open_options: tuple[tuple[str, Any], ...] = ()
@@ -75,7 +77,7 @@ def start(
 def serve(options: ServeOptions) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully and return."""
     server, sock, _ = _prepare(options, None)
-    _one_blas_thread()
+    _one_ranking_thread()
     host, port = sock.getsockname()[:2]
     url = f"http://{_url_host(host)}:{port}"
     log.info("serving %s on %s (API description at %s/docs)", options.table, url, url)
@@ -90,7 +92,7 @@ def serve(options: ServeOptions) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _one_blas_thread() -> None:
+def _one_ranking_thread() -> None:
     """Rank with one BLAS thread: the process's queries already use both stages' threads.
 
     OpenBLAS's own threads spin-wait between products; beside the embedding
@@ -101,6 +103,14 @@ def _one_blas_thread() -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")
+    from deltavec.search.approximate import installed
+
+    if installed():
+        # FAISS's OpenMP threads spin-wait the same way; the ranking stage
+        # searches a whole batch of queries on its one thread.
+        import faiss
+
+        faiss.omp_set_num_threads(1)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -117,7 +127,7 @@ def _prepare(
         open_target = _opener(options)
     opener = open_target
     service = Service(
-        lambda: ServedTarget(opener),
+        lambda: ServedTarget(opener, index=options.index, nprobe=options.nprobe),
         limits=options.limits,
         token=token,
         refresh_seconds=options.refresh_seconds,

@@ -1,10 +1,12 @@
 """What the server answers from: one immutable ``Snapshot``, replaced whole by the refresher.
 
-A snapshot holds one version of the vectors (an ``IndexView``), the keyword
-index committed for that version, and the ``SemanticSearch`` whose encoder made
-the query side of those vectors. A query reads ``ServedTarget.current`` once and
-uses only that object, so its vector ranking, keyword ranking and query vector
-all come from one version and one model, whatever the refresher does meanwhile.
+A snapshot holds one version of the vectors (an ``IndexView``, and for a
+large target an ``IvfView``, the approximate index of that version), the
+keyword index committed for that version, and the ``SemanticSearch`` whose
+encoder made the query side of those vectors. A query reads
+``ServedTarget.current`` once and uses only that object, so its vector ranking,
+keyword ranking and query vector all come from one version and one model,
+whatever the refresher does meanwhile.
 
 The refresher follows the target's commits (``SemanticSearch.refresh``), turns
 what changed between two versions into keyword-index updates (rows of new
@@ -34,12 +36,18 @@ from deltavec.serve.keywords import KeywordIndex, KeywordView, key_id
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from deltavec.search.index import IndexView, Slots
+    from deltavec.search.approximate import IvfView
+    from deltavec.search.index import IndexView, Ranker, Slots
     from deltavec.search.semantic import SemanticSearch
 
 log = logging.getLogger(__name__)
 
 _FILE = "__file"
+# serve.index = "auto": an approximate index from this many live rows. Below,
+# an exact pass is cheap (a batch of queries over 100,000 x 384 floats took
+# 22-27 ms in the server, half that here) and a second copy of the vectors is not.
+AUTO_APPROXIMATE_ROWS = 50_000
+INDEX_MODES = ("auto", "exact", "approximate")
 # Filters remembered per snapshot (each holds up to one int64 per row).
 _CACHED_FILTERS = 32
 
@@ -99,6 +107,7 @@ class Snapshot:
     keywords: KeywordView | None  # None: the target names no source or template
     model: str
     batcher: QueryBatcher  # the model's; concurrent queries share its encode calls
+    approximate: IvfView | None = None  # this version's FAISS index, when served approximately
     # Filter -> slots, per source version: web clients repeat a few filters, and
     # each costs a scan of the source and a join with the keys.
     _filters: _Memo[tuple[str, int], Slots] = field(
@@ -112,6 +121,11 @@ class Snapshot:
     @property
     def version(self) -> int:
         return self.view.version
+
+    @property
+    def ranker(self) -> Ranker:
+        """What ranks this snapshot's vector queries: its approximate index, if any."""
+        return self.approximate if self.approximate is not None else self.view
 
     def slots_where(self, where: str) -> Slots:
         """The slots of this version's rows whose source row satisfies ``where``.
@@ -179,9 +193,27 @@ class ServedTarget:
     Args:
         open_target: opens the target for search (``open_search`` with the
             server's options); called again when the target changes model.
+        index: ``"exact"``, ``"approximate"`` (FAISS IVF, per snapshot) or
+            ``"auto"`` (approximate from ``AUTO_APPROXIMATE_ROWS`` live rows
+            when FAISS is installed).
+        nprobe: clusters an approximate query visits (None: 1/16 of them).
     """
 
-    def __init__(self, open_target: Callable[[], SemanticSearch]) -> None:
+    def __init__(
+        self,
+        open_target: Callable[[], SemanticSearch],
+        *,
+        index: str = "auto",
+        nprobe: int | None = None,
+    ) -> None:
+        if index not in INDEX_MODES:
+            raise ValueError(f"index must be one of {', '.join(INDEX_MODES)} (got {index!r})")
+        if index == "approximate":
+            from deltavec.search.approximate import require_faiss
+
+            require_faiss()  # fail at start, saying how to install it
+        self._index = index
+        self._nprobe = nprobe
         self._open = open_target
         self._refreshing = threading.Lock()
         self.refreshed_at = time.time()
@@ -195,7 +227,37 @@ class ServedTarget:
         if keywords is not None:
             keyword_view = keywords.apply(_texts(search, _keys_of(view)), ())
         batcher = QueryBatcher(search.embed_many)
-        return Snapshot(search, view, keyword_view, search.index.model_identity, batcher)
+        approximate = self._approximate(view, None)
+        return Snapshot(
+            search, view, keyword_view, search.index.model_identity, batcher, approximate
+        )
+
+    def _approximate(self, view: IndexView, previous: IvfView | None) -> IvfView | None:
+        """The approximate index for ``view`` (from ``previous``'s when there is one), or None."""
+        if not len(view) or not self._wants_approximate(len(view)):
+            return None
+        from deltavec.search.approximate import IvfView
+
+        if previous is not None:
+            return previous.follow(view, nprobe=self._nprobe)
+        started = time.perf_counter()
+        built = IvfView.build(view, nprobe=self._nprobe)
+        log.info(
+            "approximate index of version %d: %d rows, %d clusters, %d probed, in %.1f s",
+            view.version,
+            len(view),
+            built.ivf.index.nlist,
+            built.ivf.nprobe,
+            time.perf_counter() - started,
+        )
+        return built
+
+    def _wants_approximate(self, rows: int) -> bool:
+        if self._index != "auto":
+            return self._index == "approximate"
+        from deltavec.search.approximate import installed
+
+        return rows >= AUTO_APPROXIMATE_ROWS and installed()
 
     def refresh(self) -> RefreshOutcome:
         """Follow the target's new commits and publish the next snapshot.
@@ -238,7 +300,8 @@ class ServedTarget:
                 gone = [key_id(k.values()) for k in deleted.to_pylist()]
                 keyword_view = self._keyword_index.apply(texts, gone)
                 updates = len(texts) + len(gone)
-            current = Snapshot(old.search, view, keyword_view, old.model, old.batcher)
+            approximate = self._approximate(view, old.approximate)
+            current = Snapshot(old.search, view, keyword_view, old.model, old.batcher, approximate)
             current.warm_filters(old)
             self.current = current
             self.refreshed_at = started
