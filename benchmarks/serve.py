@@ -34,6 +34,8 @@ version served. The last line printed is one JSON object.
     python benchmarks/serve.py                # about 4 minutes
     python benchmarks/serve.py --index exact  # every query scans every vector
     python benchmarks/serve.py --seconds 10 --rows 20000
+    # the latency at 150 vector queries/s alone, without the writer's MERGEs
+    python benchmarks/serve.py --closed --paced vector=150 --merge-every 0
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ FILE_ROWS = 10_000
 CONCURRENCY = 16
 MERGE_ROWS = 1000
 MERGE_EVERY = 10.0
+MODES = ("vector", "keyword", "hybrid", "vector_where")
 REFRESH_SECONDS = 2.0
 TEMPLATE = "{title}. {body}"
 TARGETS = {
@@ -145,13 +148,13 @@ def build(root: Path, rows: int, identity: str, centres: np.ndarray) -> tuple[Pa
 
 
 def merge_loop(source: Path, target: Path, rows: int, identity: str, centres: np.ndarray,
-               stop: threading.Event, done: list[float]) -> None:  # fmt: skip
-    """Every MERGE_EVERY s: 500 keys of one file updated, 500 new keys, in both tables."""
+               every: float, stop: threading.Event, done: list[float]) -> None:  # fmt: skip
+    """Every ``every`` s: 500 keys of one file updated, 500 new keys, in both tables."""
     from deltalake import DeltaTable
 
     rng = np.random.default_rng(1)
     edition, fresh = 1, rows
-    while not stop.wait(MERGE_EVERY):
+    while every > 0 and not stop.wait(every):
         first = int(rng.integers(0, rows // FILE_ROWS)) * FILE_ROWS
         ids = np.concatenate([np.arange(first, first + 500), np.arange(fresh, fresh + 500)])
         fresh += 500
@@ -340,6 +343,26 @@ def main() -> None:
         choices=("auto", "exact", "approximate"),
         help="how the server ranks vector queries (default: the server's own, auto)",
     )
+    parser.add_argument(
+        "--closed",
+        nargs="*",
+        default=list(MODES),
+        choices=MODES,
+        metavar="MODE",
+        help="the modes run in closed loops first (default all four)",
+    )
+    parser.add_argument(
+        "--refresh-seconds",
+        type=float,
+        default=REFRESH_SECONDS,
+        help="the server's --refresh-seconds (default 2)",
+    )
+    parser.add_argument(
+        "--merge-every",
+        type=float,
+        default=MERGE_EVERY,
+        help="seconds between the writer's MERGEs (0: none, for the latency without them)",
+    )
     args = parser.parse_args()
 
     import httpx
@@ -357,7 +380,8 @@ def main() -> None:
         built = time.perf_counter() - started
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "streaming"), str(REPO)])}
         command = [sys.executable, "-m", "deltavec.cli", "serve", "--table", str(target),
-                   "--port", str(args.port), "--refresh-seconds", str(REFRESH_SECONDS)]  # fmt: skip
+                   "--port", str(args.port),
+                   "--refresh-seconds", str(args.refresh_seconds)]  # fmt: skip
         if args.index:
             command += ["--index", args.index]
         started = time.perf_counter()
@@ -378,11 +402,12 @@ def main() -> None:
         index_mode = httpx.get(f"{url}/healthz").json()["index"]
         merges: list[float] = []
         writer = threading.Thread(
-            target=merge_loop, args=(source, target, args.rows, identity, centres, stop, merges)
+            target=merge_loop,
+            args=(source, target, args.rows, identity, centres, args.merge_every, stop, merges),
         )
         writer.start()
         results = {}
-        for mode in ("vector", "keyword", "hybrid", "vector_where"):
+        for mode in args.closed:
             results[mode] = asyncio.run(load(url, mode, args.seconds, args.rows))
             print(mode, results[mode], flush=True)
         at_rate = {}
@@ -408,17 +433,19 @@ def main() -> None:
 
     # Latency is judged at the offered rate (--paced) when there is one: in the
     # closed loops it is 16 / QPS whatever the server does. QPS from the loops.
-    vector, hybrid = (
-        at_rate.get("vector", results["vector"]),
-        at_rate.get("hybrid", results["hybrid"]),
-    )
-    met = {
-        "vector_p50_ms": vector["p50_ms"] <= TARGETS["vector_p50_ms"],
-        "vector_p99_ms": vector["p99_ms"] <= TARGETS["vector_p99_ms"],
-        "vector_qps": results["vector"]["qps"] >= TARGETS["vector_qps"],
-        "hybrid_p99_ms": hybrid["p99_ms"] <= TARGETS["hybrid_p99_ms"],
-        "zero_errors": all(r["errors"] == 0 for r in [*results.values(), *at_rate.values()]),
-    }
+    # A target whose mode did not run is left out.
+    vector = at_rate.get("vector") or results.get("vector")
+    hybrid = at_rate.get("hybrid") or results.get("hybrid")
+    met = {}
+    if vector:
+        met["vector_p50_ms"] = vector["p50_ms"] <= TARGETS["vector_p50_ms"]
+        met["vector_p99_ms"] = vector["p99_ms"] <= TARGETS["vector_p99_ms"]
+    if "vector" in results:
+        met["vector_qps"] = results["vector"]["qps"] >= TARGETS["vector_qps"]
+    if hybrid:
+        met["hybrid_p99_ms"] = hybrid["p99_ms"] <= TARGETS["hybrid_p99_ms"]
+    met["zero_errors"] = all(r["errors"] == 0 for r in [*results.values(), *at_rate.values()])
+    judged = {name: _load_of(run) for name, run in (("vector", vector), ("hybrid", hybrid)) if run}
     print(
         json.dumps(
             {
@@ -434,6 +461,7 @@ def main() -> None:
                 "modes": results,
                 "paced": at_rate,
                 "merges_committed": len(merges),
+                "merge_mean_seconds": round(float(np.mean(merges)), 2) if merges else None,
                 "refreshes_applied": int(applied),
                 "refreshes_failed": int(failed),
                 "refresh_mean_seconds": round(refresh_sum / refresh_count, 3)
@@ -442,7 +470,7 @@ def main() -> None:
                 "final_table_version": int(served_version),
                 "targets": TARGETS,
                 "targets_met": met,
-                "latency_judged_at": {"vector": _load_of(vector), "hybrid": _load_of(hybrid)},
+                "latency_judged_at": judged,
             }
         )
     )
