@@ -24,12 +24,12 @@ answers (and, with 16 loops, a latency of 16 / QPS). ``targets_met`` judges
 latency at the offered rate (vector at 150/s: the QPS target) and QPS from the
 closed loops.
 
-Meanwhile a writer commits a 1,000-row MERGE (500 updated keys, 500 new) to
-the target and the source every 10 s; the server refreshes every 2 s. Reported
-per mode: QPS, p50/p99 latency, errors; the refreshes the server applied; how
-it ranked vector queries (``--index``, passed to the server: by default
-approximate at this size) and their recall@10 against exact search of the
-version served. The last line printed is one JSON object.
+Meanwhile a writer (a process of its own, as the job is) commits a 1,000-row
+MERGE (500 updated keys, 500 new) to the target and the source every 10 s; the
+server refreshes every 2 s. Reported per mode: QPS, p50/p99 latency, errors;
+the refreshes the server applied; how it ranked vector queries (``--index``,
+passed to the server: by default approximate at this size) and their recall@10
+against exact search of the version served. The last line printed is one JSON object.
 
     python benchmarks/serve.py                # about 4 minutes
     python benchmarks/serve.py --index exact  # every query scans every vector
@@ -43,12 +43,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -148,8 +148,14 @@ def build(root: Path, rows: int, identity: str, centres: np.ndarray) -> tuple[Pa
 
 
 def merge_loop(source: Path, target: Path, rows: int, identity: str, centres: np.ndarray,
-               every: float, stop: threading.Event, done: list[float]) -> None:  # fmt: skip
-    """Every ``every`` s: 500 keys of one file updated, 500 new keys, in both tables."""
+               every: float, stop: Any, done: Any) -> None:  # fmt: skip
+    """Every ``every`` s: 500 keys of one file updated, 500 new keys, in both tables.
+
+    Runs in a process of its own, as the job that writes a target does, so it
+    never holds the GIL the clients' event loop needs (measured at 150 vector
+    queries/s: p99 113.7 ms this way, 109.7-127.6 ms as a thread: the writer's
+    CPU, not the GIL, is what costs). ``done`` (a queue) gets each MERGE's seconds.
+    """
     from deltalake import DeltaTable
 
     rng = np.random.default_rng(1)
@@ -171,7 +177,7 @@ def merge_loop(source: Path, target: Path, rows: int, identity: str, centres: np
                 .execute()
             )
         edition += 1
-        done.append(time.perf_counter() - started)
+        done.put(time.perf_counter() - started)
 
 
 def query_for(rng: np.random.Generator, mode: str, rows: int) -> dict[str, Any]:
@@ -371,8 +377,9 @@ def main() -> None:
 
     identity = model_identity("default", resolve_model("default"))
     root = Path(tempfile.mkdtemp(prefix="deltavec-bench-serve-"))
-    server = None
-    stop = threading.Event()
+    server = writer = None
+    spawn = multiprocessing.get_context("spawn")
+    stop, done = spawn.Event(), spawn.Queue()
     try:
         started = time.perf_counter()
         centres = centres_from_model()
@@ -400,10 +407,9 @@ def main() -> None:
             time.sleep(0.2)
         ready = time.perf_counter() - started
         index_mode = httpx.get(f"{url}/healthz").json()["index"]
-        merges: list[float] = []
-        writer = threading.Thread(
+        writer = spawn.Process(
             target=merge_loop,
-            args=(source, target, args.rows, identity, centres, args.merge_every, stop, merges),
+            args=(source, target, args.rows, identity, centres, args.merge_every, stop, done),
         )
         writer.start()
         results = {}
@@ -417,6 +423,7 @@ def main() -> None:
             print(mode, "paced", at_rate[mode], flush=True)
         stop.set()
         writer.join()
+        merges = [done.get() for _ in range(done.qsize())]
         recall = recall_at_10(url, target, args.rows)
         print("vector recall", recall, flush=True)
         applied = scrape(url, "deltavec_serve_refreshes_total", outcome="applied")
@@ -426,6 +433,8 @@ def main() -> None:
         served_version = scrape(url, "deltavec_serve_table_version")
     finally:
         stop.set()
+        if writer is not None:
+            writer.join(timeout=60)
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
