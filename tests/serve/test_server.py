@@ -82,6 +82,8 @@ def test_search_modes_filters_and_columns(
     query = render(rows[50])  # the row's own text: it scores ~1 with itself
 
     with serving(target, index=index) as (_, client):
+        if index == "approximate":  # built after the server is ready, then swapped in
+            wait_until(lambda: client.get("/healthz").json()["index"] == "approximate", seconds=30)
         served_by = client.get("/healthz").json()["index"]
         plain = client.post("/search", json={"query": query, "k": 5})
         filtered = client.post(
@@ -117,6 +119,8 @@ def test_a_rare_identifier_is_found_by_hybrid_not_vector_and_deletes_leave_both_
 ) -> None:
     source, target, _ = tables
     with serving(target, refresh_seconds=0.2, index=index) as (_, client):
+        if index == "approximate":
+            wait_until(lambda: client.get("/healthz").json()["index"] == "approximate", seconds=30)
         ask = {"query": "ZQ7731", "k": 10}
         vector = ids(client.post("/search", json=ask))
         keyword = ids(client.post("/search", json={**ask, "mode": "keyword"}))

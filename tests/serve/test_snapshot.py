@@ -112,3 +112,36 @@ def test_after_a_refresh_an_answered_filter_is_ready_with_the_new_rows(
     assert scans == []  # prepared by the refresh, before the swap
     assert keys_of(after, rows) == [*range(10, 16), 100]
     assert sorted(keyword_keys) == sorted(f"[{i}]" for i in [*range(10, 16), 100])
+
+
+def test_the_approximate_index_is_built_after_the_first_snapshot_and_follows_refreshes(
+    tmp_path: Path, encoder: Any, identity: str
+) -> None:
+    rows = [
+        {"id": i, "title": f"Item {i}", "body": f"text number {i}", "year": 2010 + i}
+        for i in range(16)
+    ]
+    source, target = tmp_path / "source", tmp_path / "target"
+    write_source(source, rows)
+    vectors = write_target(target, rows, encoder, identity, source=source)
+    served = ServedTarget(lambda: open_search(str(target)), index="approximate")
+
+    first = served.current
+    assert first.approximate is None and first.ranker is first.view  # ready, ranked exactly
+    assert served.complete()
+    completed = served.current
+    assert completed.view is first.view and completed.approximate is not None
+    assert completed.approximate.version == completed.version
+    assert first.approximate is None  # the published snapshot was not changed
+    assert not served.complete()  # nothing left to add
+
+    def top(snapshot: Any, query: Any) -> int:
+        return int(snapshot.ranker.search_many(query.reshape(1, -1), 1)[0][0].key["id"])
+
+    assert [top(completed, v) for v in vectors] == list(range(16))
+    write_target(target, [{**rows[3], "id": 300}], encoder, identity, source=source)
+    served.refresh()
+    after = served.current
+    assert after.approximate is not None and after.approximate.version == after.version
+    assert after.approximate.ivf.index.ntotal == 17
+    assert completed.approximate.ivf.index.ntotal == 16  # the older version kept its rows

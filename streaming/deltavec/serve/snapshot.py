@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
@@ -227,10 +227,29 @@ class ServedTarget:
         if keywords is not None:
             keyword_view = keywords.apply(_texts(search, _keys_of(view)), ())
         batcher = QueryBatcher(search.embed_many)
-        approximate = self._approximate(view, None)
-        return Snapshot(
-            search, view, keyword_view, search.index.model_identity, batcher, approximate
-        )
+        # Ranked exactly until ``complete`` adds the approximate index: the server
+        # answers from the moment the vectors are loaded.
+        return Snapshot(search, view, keyword_view, search.index.model_identity, batcher)
+
+    def complete(self) -> bool:
+        """Give the current snapshot the approximate index it wants and lacks.
+
+        Built aside (2 s for 100,000 rows on the 2-core VM) and published as a
+        snapshot of the same version; queries meanwhile are ranked exactly.
+        Returns whether it published one.
+        """
+        with self._refreshing:
+            return self._complete()
+
+    def _complete(self) -> bool:
+        old = self.current
+        if old.approximate is not None:
+            return False
+        approximate = self._approximate(old.view, None)
+        if approximate is None:
+            return False
+        self.current = replace(old, approximate=approximate)
+        return True
 
     def _approximate(self, view: IndexView, previous: IvfView | None) -> IvfView | None:
         """The approximate index for ``view`` (from ``previous``'s when there is one), or None."""
@@ -290,6 +309,7 @@ class ServedTarget:
             # Compared with what the snapshot holds, not with what this refresh
             # read: a refresh that failed after the index moved on is completed here.
             if view is old.view:
+                self._complete()  # after a model change, or a build that failed
                 self.refreshed_at = started
                 return RefreshOutcome(view.version, False, False, 0, time.time() - started)
             updates = 0
@@ -309,6 +329,10 @@ class ServedTarget:
 
     def run(self, every: float, stop: threading.Event, on_refresh: Callable[..., Any]) -> None:
         """Refresh every ``every`` seconds until ``stop`` is set; failures are logged, not fatal."""
+        try:
+            self.complete()
+        except Exception as exc:  # served exactly; the next refresh tries again
+            log.warning("no approximate index yet, ranking exactly: %s", exc, exc_info=True)
         while not stop.wait(every):
             try:
                 outcome = self.refresh()
