@@ -374,6 +374,7 @@ def main() -> None:
     import httpx
 
     from deltavec.embed.models import model_identity, resolve_model
+    from deltavec.serve.snapshot import AUTO_APPROXIMATE_ROWS
 
     identity = model_identity("default", resolve_model("default"))
     root = Path(tempfile.mkdtemp(prefix="deltavec-bench-serve-"))
@@ -406,6 +407,15 @@ def main() -> None:
                 raise SystemExit(f"the server did not become ready:\n{tail}")
             time.sleep(0.2)
         ready = time.perf_counter() - started
+        # The server answers exactly until its first approximate index is built.
+        approximate = args.index == "approximate" or (
+            args.index in (None, "auto") and args.rows >= AUTO_APPROXIMATE_ROWS
+        )
+        while approximate and httpx.get(f"{url}/healthz").json()["index"] != "approximate":
+            if time.perf_counter() - started > 600:
+                raise SystemExit("the server built no approximate index within 10 minutes")
+            time.sleep(0.2)
+        index_ready = time.perf_counter() - started
         index_mode = httpx.get(f"{url}/healthz").json()["index"]
         writer = spawn.Process(
             target=merge_loop,
@@ -465,6 +475,7 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "build_seconds": round(built, 1),
                 "server_ready_seconds": round(ready, 1),
+                "index_ready_seconds": round(index_ready, 1),
                 "index": index_mode,
                 "vector_recall": recall,
                 "modes": results,
