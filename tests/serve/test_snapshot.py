@@ -145,3 +145,33 @@ def test_the_approximate_index_is_built_after_the_first_snapshot_and_follows_ref
     assert after.approximate is not None and after.approximate.version == after.version
     assert after.approximate.ivf.index.ntotal == 17
     assert completed.approximate.ivf.index.ntotal == 16  # the older version kept its rows
+
+
+def test_a_failed_approximate_build_keeps_the_server_following_the_table_exactly(
+    tmp_path: Path, encoder: Any, identity: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deltavec.search.approximate import IvfView
+
+    rows = [{"id": i, "title": f"Item {i}", "body": f"text {i}", "year": 2020} for i in range(8)]
+    source, target = tmp_path / "source", tmp_path / "target"
+    write_source(source, rows)
+    write_target(target, rows, encoder, identity, source=source)
+    served = ServedTarget(lambda: open_search(str(target)), index="approximate")
+    build = IvfView.build
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError("no room for a second copy of the vectors")
+
+    monkeypatch.setattr(IvfView, "build", fail)
+    assert not served.complete()
+    new = {"id": 50, "title": "Fresh", "body": "a new row", "year": 2024}
+    vectors = write_target(target, [new], encoder, identity, source=source)
+    outcome = served.refresh()
+
+    current = served.current
+    assert outcome.changed and current.approximate is None  # followed, ranked exactly
+    hits = current.ranker.search_many(vectors, 1)
+    assert hits[0][0].key == {"id": 50}
+    monkeypatch.setattr(IvfView, "build", build)
+    served.refresh()  # nothing new: the build is tried again
+    assert served.current.approximate is not None

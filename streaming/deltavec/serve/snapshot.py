@@ -257,10 +257,20 @@ class ServedTarget:
             return None
         from deltavec.search.approximate import IvfView
 
-        if previous is not None:
-            return previous.follow(view, nprobe=self._nprobe)
         started = time.perf_counter()
-        built = IvfView.build(view, nprobe=self._nprobe)
+        try:
+            if previous is not None:
+                return previous.follow(view, nprobe=self._nprobe)
+            built = IvfView.build(view, nprobe=self._nprobe)
+        except Exception as exc:  # ranked exactly; the next refresh tries again
+            # A failed build must not stop the server following the table.
+            log.warning(
+                "no approximate index for version %d, ranking exactly: %s",
+                view.version,
+                exc,
+                exc_info=True,
+            )
+            return None
         log.info(
             "approximate index of version %d: %d rows, %d clusters, %d probed, in %.1f s",
             view.version,
@@ -329,10 +339,7 @@ class ServedTarget:
 
     def run(self, every: float, stop: threading.Event, on_refresh: Callable[..., Any]) -> None:
         """Refresh every ``every`` seconds until ``stop`` is set; failures are logged, not fatal."""
-        try:
-            self.complete()
-        except Exception as exc:  # served exactly; the next refresh tries again
-            log.warning("no approximate index yet, ranking exactly: %s", exc, exc_info=True)
+        self.complete()
         while not stop.wait(every):
             try:
                 outcome = self.refresh()
