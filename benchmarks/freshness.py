@@ -12,7 +12,13 @@ mode, ``trigger.interval`` of one second by default) over a source of
   timed from its commit to the refresh that finds all its keys;
 * updates: ``--updates`` commits that change the text of 10 existing keys,
   each timed until a search with the new text's own vector finds every key as
-  its nearest row (so the new vector, not only the row, is searchable).
+  its nearest row (so the new vector, not only the row, is searchable);
+* the floor: the job is stopped and ``--floor-commits`` more inserts are timed
+  through ``freshness_floor.py``, a stream over the same source, with the same
+  session, trigger and consumer, that only appends each batch's rows (same vector
+  for every row) under Delta's idempotent-write options: what any exactly-once
+  Spark stream into Delta pays on this machine before doing any work of its own.
+  ``ratio_p50_vs_floor`` says how much the job adds.
 
 Setting up the 100,000-row target is not timed (under 3 minutes on 2 cores): the
 target is created by the job's own code and its rows are written with delta-rs,
@@ -20,8 +26,9 @@ their vectors synthetic, with the model identity and text hashes the job
 computes; a first drain finds every row unchanged and embeds nothing.
 
 The last line printed is one JSON object: ``p50_s``, ``p90_s``, ``max_s`` for
-inserts, ``update_p50_s``, ``startup_s``, and the mean per-stage seconds of the
-timed micro-batches from the job's batch log lines.
+inserts, ``update_p50_s``, ``startup_s``, the mean per-stage seconds of the
+timed micro-batches from the job's batch log lines, and ``floor_p50_s``,
+``floor_p90_s``, ``floor_max_s``, ``floor_startup_s`` and ``ratio_p50_vs_floor``.
 
     python benchmarks/freshness.py                          # make bench-freshness
     python benchmarks/freshness.py --interval "0 seconds"   # as fast as possible
@@ -291,6 +298,93 @@ class Consumer:
         return check
 
 
+def stop(process: subprocess.Popen[str] | None) -> None:
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def time_inserts(
+    consumer: Consumer, source: str, first_id: int, commits: int, rows: int, every: float,
+    timeout: float,
+) -> list[float]:  # fmt: skip
+    """Seconds from each of ``commits`` new-row commits to the refresh that finds its keys."""
+    from deltalake import write_deltalake
+
+    seconds: list[float] = []
+    for n in range(commits):
+        ids = list(range(first_id + n * rows, first_id + (n + 1) * rows))
+        tick = time.time()
+        write_deltalake(
+            source, pa.Table.from_pylist([paper(i) for i in ids], schema=SCHEMA), mode="append"
+        )
+        committed = time.time()
+        seen = consumer.when(consumer.has_keys(ids))
+        seconds.append(wait_for(seen, timeout, f"keys {ids[0]}..") - committed)
+        time.sleep(max(0.0, every - (time.time() - tick)))
+    return seconds
+
+
+def floor(root: Path, interval: str, first_id: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The same inserts through ``freshness_floor.py``: a stream that only appends.
+
+    Its target is a copy of the job's (the same 100,000 rows, so its consumer's
+    refreshes cost the same); it starts from a 10-row commit it must make visible
+    first, as the job's start-up is timed.
+    """
+    from deltalake import DeltaTable, write_deltalake
+
+    source = str(root / "source")
+    shutil.copytree(root / "target", root / "floor_target")
+    consumer = Consumer(root / "floor_target")
+    threading.Thread(target=consumer.run, daemon=True).start()
+    warm_up = list(range(first_id, first_id + args.rows))
+    write_deltalake(
+        source, pa.Table.from_pylist([paper(i) for i in warm_up], schema=SCHEMA), mode="append"
+    )
+    started = time.time()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "freshness_floor.py"),
+            source,
+            str(root / "floor_target"),
+            str(root / "floor_checkpoint"),
+            interval,
+            str(DeltaTable(source).version()),
+        ],
+        env=job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    log = JobLog(process)
+    threading.Thread(target=log.follow, daemon=True).start()
+    try:
+        startup = wait_for(consumer.when(consumer.has_keys(warm_up)), 300, "the floor's start")
+        inserts = time_inserts(
+            consumer, source, first_id + args.rows, args.floor_commits, args.rows, args.every,
+            args.timeout,
+        )  # fmt: skip
+    except SystemExit:
+        sys.stderr.write("".join(log.lines[-40:]))
+        raise
+    finally:
+        consumer.stop.set()
+        stop(process)
+    if consumer.errors:
+        raise SystemExit(f"the floor's consumer failed: {consumer.errors[0]}")
+    return {
+        "floor_p50_s": round(percentile(inserts, 50), 3),
+        "floor_p90_s": round(percentile(inserts, 90), 3),
+        "floor_max_s": round(max(inserts), 3),
+        "floor_startup_s": round(startup - started, 3),
+    }
+
+
 def wait_for(seen: list[float], timeout: float, what: str) -> float:
     deadline = time.time() + timeout
     while not seen:
@@ -313,6 +407,12 @@ def main() -> None:
     parser.add_argument("--target-rows", type=int, default=100_000)
     parser.add_argument("--interval", default="1 second", help="the job's trigger.interval")
     parser.add_argument("--timeout", type=float, default=120.0, help="per commit, seconds")
+    parser.add_argument(
+        "--floor-commits",
+        type=int,
+        default=10,
+        help="inserts timed through freshness_floor.py, a stream that only appends (0: none)",
+    )
     parser.add_argument("--job-log", type=Path, help="also write the job's output to this file")
     args = parser.parse_args()
 
@@ -352,17 +452,10 @@ def main() -> None:
         )
         timed_from = len(log.batches)
 
-        inserts: list[float] = []
-        for _ in range(args.commits):
-            ids = list(range(next_id, next_id + args.rows))
-            next_id += args.rows
-            rows = pa.Table.from_pylist([paper(i) for i in ids], schema=SCHEMA)
-            tick = time.time()
-            write_deltalake(source, rows, mode="append")
-            committed = time.time()
-            seen = consumer.when(consumer.has_keys(ids))
-            inserts.append(wait_for(seen, args.timeout, f"keys {ids[0]}..") - committed)
-            time.sleep(max(0.0, args.every - (time.time() - tick)))
+        inserts = time_inserts(
+            consumer, source, next_id, args.commits, args.rows, args.every, args.timeout
+        )
+        next_id += args.commits * args.rows
         insert_batches = len(log.batches)
 
         updates: list[float] = []
@@ -412,18 +505,18 @@ def main() -> None:
             "stages_insert": stage_means(log.batches[timed_from:insert_batches]),
             "stages_update": stage_means(log.batches[insert_batches:]),
         }
+        if args.floor_commits:
+            consumer.stop.set()
+            stop(process)
+            result.update(floor(root, args.interval, next_id + 1_000, args))
+            result["ratio_p50_vs_floor"] = round(result["p50_s"] / result["floor_p50_s"], 2)
         print(json.dumps(result))
     finally:
         if args.job_log is not None and log is not None:
             args.job_log.write_text("".join(log.lines), encoding="utf-8")
         if consumer is not None:
             consumer.stop.set()
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(process)
         shutil.rmtree(root, ignore_errors=True)
 
 
