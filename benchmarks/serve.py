@@ -350,6 +350,11 @@ def main() -> None:
         help="how the server ranks vector queries (default: the server's own, auto)",
     )
     parser.add_argument(
+        "--query-runtime",
+        choices=("auto", "torch", "onnx"),
+        help="what runs the model for query vectors (default: the server's own, auto)",
+    )
+    parser.add_argument(
         "--closed",
         nargs="*",
         default=list(MODES),
@@ -392,6 +397,8 @@ def main() -> None:
                    "--refresh-seconds", str(args.refresh_seconds)]  # fmt: skip
         if args.index:
             command += ["--index", args.index]
+        if args.query_runtime:
+            command += ["--query-runtime", args.query_runtime]
         started = time.perf_counter()
         log_file = (root / "server.log").open("wb")
         server = subprocess.Popen(command, env=env, stderr=log_file)
@@ -416,7 +423,8 @@ def main() -> None:
                 raise SystemExit("the server built no approximate index within 10 minutes")
             time.sleep(0.2)
         index_ready = time.perf_counter() - started
-        index_mode = httpx.get(f"{url}/healthz").json()["index"]
+        health = httpx.get(f"{url}/healthz").json()
+        index_mode, query_runtime = health["index"], health["query_runtime"]
         writer = spawn.Process(
             target=merge_loop,
             args=(source, target, args.rows, identity, centres, args.merge_every, stop, done),
@@ -477,6 +485,7 @@ def main() -> None:
                 "server_ready_seconds": round(ready, 1),
                 "index_ready_seconds": round(index_ready, 1),
                 "index": index_mode,
+                "query_runtime": query_runtime,
                 "vector_recall": recall,
                 "modes": results,
                 "paced": at_rate,

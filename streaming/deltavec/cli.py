@@ -157,6 +157,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="clusters an approximate query visits (default 1/16 of them)",
     )
+    serve.add_argument(
+        "--query-runtime",
+        choices=("auto", "torch", "onnx"),
+        default=None,
+        help="what runs the model for query vectors on a CPU (default auto: ONNX Runtime "
+        "once it gives torch's vectors, else torch)",
+    )
     serve.set_defaults(command=cmd_serve)
     return parser
 

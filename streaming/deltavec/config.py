@@ -239,6 +239,10 @@ class ServeConfig(_Section):
     index: Literal["auto", "exact", "approximate"] = "auto"
     # Clusters an approximate query visits; 0: 1/16 of them.
     nprobe: int = Field(default=0, ge=0)
+    # What runs the model's transformer for query vectors on a CPU: "onnx" (ONNX
+    # Runtime, checked to give torch's vectors at start), "torch", or "auto"
+    # (onnx when the export checks out, torch otherwise).
+    query_runtime: Literal["auto", "torch", "onnx"] = "auto"
     max_k: int = Field(default=100, ge=1, le=10_000)
     # Texts per /embed or /v1/embeddings request.
     max_texts: int = Field(default=256, ge=1, le=10_000)

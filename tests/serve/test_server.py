@@ -235,6 +235,7 @@ def test_healthz_and_metrics(
             "model": identity,
             "keyword_index": True,
             "index": "exact",  # auto: fewer rows than an approximate index pays off for
+            "query_runtime": "onnx",  # auto: its export gave torch's vectors
         }
         for _ in range(3):
             client.post("/search", json={"query": "gasket"})

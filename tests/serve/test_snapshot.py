@@ -8,12 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import deltavec.serve.snapshot as snapshot_module
+from deltavec.embed.onnx_queries import OnnxUnavailable
 from deltavec.errors import SearchError
 from deltavec.search.semantic import open_search
 from deltavec.serve.snapshot import ServedTarget
+from tests.embed.onnx_faults import drift_onnx_sessions
 from tests.serve.targets import write_source, write_target
 
 WHERE = "year >= 2020"
@@ -175,3 +178,28 @@ def test_a_failed_approximate_build_keeps_the_server_following_the_table_exactly
     monkeypatch.setattr(IvfView, "build", build)
     served.refresh()  # nothing new: the build is tried again
     assert served.current.approximate is not None
+
+
+def test_query_vectors_come_from_onnx_only_when_its_export_gives_torchs(
+    tmp_path: Path, encoder: Any, identity: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = [{"id": i, "title": f"Item {i}", "body": f"text {i}", "year": 2020} for i in range(4)]
+    source, target = tmp_path / "source", tmp_path / "target"
+    write_source(source, rows)
+    write_target(target, rows, encoder, identity, source=source)
+
+    def served(**options: Any) -> ServedTarget:
+        return ServedTarget(lambda: open_search(str(target)), **options)
+
+    fast, plain = served(), served(query_runtime="torch")
+    assert fast.current.search.encoder.runtime == "onnx"  # auto
+    assert plain.current.search.encoder.runtime == "torch"
+    texts = ["Item 3", "a query about text"]
+    np.testing.assert_allclose(
+        fast.current.embed(texts), plain.current.embed(texts), rtol=0, atol=1e-6
+    )
+    # A graph whose vectors are off: auto keeps torch; "onnx" does not start.
+    drift_onnx_sessions(monkeypatch)
+    assert served().current.search.encoder.runtime == "torch"
+    with pytest.raises(OnnxUnavailable, match="differ from torch's"):
+        served(query_runtime="onnx")

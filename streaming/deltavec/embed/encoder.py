@@ -12,6 +12,7 @@ mean pooling and L2 normalisation.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -177,7 +178,10 @@ class Encoder:
         self._prompt_aware = any(getattr(m, "include_prompt", True) is False for m in self.model)
         self.max_tokens = self._window(first)
         self.pad_id = self.tokenizer.pad_token_id or 0
-        self._uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
+        self.uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
+        # What runs the first module: torch, or a stand-in (``with_transformer``).
+        self.runtime = "torch"
+        self._transformer: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None
         try:
             self.dim = self._probe_dim()
         except ModelError:
@@ -187,6 +191,23 @@ class Encoder:
                 f"model {spec.model} does not produce one fixed-size vector per text: "
                 f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
             ) from exc
+
+    def with_transformer(
+        self, transformer: Callable[[dict[str, np.ndarray]], np.ndarray], *, runtime: str
+    ) -> Encoder:
+        """A copy of this encoder whose first module is ``transformer``.
+
+        ``transformer`` maps the padded ``input_ids``, ``attention_mask`` (and
+        ``token_type_ids``) arrays to the token embeddings; the model's other
+        modules still run on them in torch. The copy shares the weights and the
+        tokenizer; this encoder is not changed (other users in the process, such as
+        the per-process encoder cache, keep torch).
+        """
+        twin = copy.copy(self)
+        twin._transformer = transformer
+        twin._lanes = None
+        twin.runtime = runtime
+        return twin
 
     def _window(self, transformer: Any) -> int:
         """Tokens per sequence: the model's ``max_seq_length``, never past its positions."""
@@ -394,15 +415,34 @@ class Encoder:
             "input_ids": torch.from_numpy(input_ids).to(self.device, non_blocking=True),
             "attention_mask": torch.from_numpy(mask).to(self.device, non_blocking=True),
         }
-        if self._uses_token_types:
+        if self.uses_token_types:
             features["token_type_ids"] = torch.zeros_like(features["input_ids"])
         if skip:
             features["prompt_length"] = skip
+        if self._transformer is not None:
+            return self._forward_after_transformer(features)
         with torch.inference_mode(), _autocast(self.device, self.dtype):
             # The model's own module stack: Transformer, Pooling, Dense, Normalize...
             vectors = self.model(features)["sentence_embedding"]
         # One host copy per forward pass: the GPU never holds more than one batch.
         out: np.ndarray = vectors.float().cpu().numpy()
+        return out
+
+    def _forward_after_transformer(self, features: dict[str, Any]) -> np.ndarray:
+        """``_forward`` with the first module replaced by ``self._transformer``."""
+        import torch
+
+        assert self._transformer is not None
+        arrays = {
+            name: value.numpy()
+            for name, value in features.items()
+            if isinstance(value, torch.Tensor)
+        }
+        features["token_embeddings"] = torch.from_numpy(self._transformer(arrays))
+        with torch.inference_mode():
+            for module in list(self.model)[1:]:
+                features = module(features)
+        out: np.ndarray = features["sentence_embedding"].float().numpy()
         return out
 
 

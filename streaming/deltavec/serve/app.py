@@ -211,6 +211,7 @@ def create_app(service: Service) -> FastAPI:
                 "model": snapshot.model,
                 "keyword_index": snapshot.keywords is not None,
                 "index": "approximate" if snapshot.approximate is not None else "exact",
+                "query_runtime": snapshot.search.encoder.runtime,
             }
         )
 

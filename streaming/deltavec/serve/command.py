@@ -35,6 +35,7 @@ def run_serve(args: argparse.Namespace) -> int:
             refresh_seconds=args.refresh_seconds or settings.refresh_seconds,
             index=args.index or settings.index,
             nprobe=args.nprobe or settings.nprobe or None,
+            query_runtime=args.query_runtime or settings.query_runtime,
             token_env=settings.token_env,
             limits=ServeLimits(
                 max_k=settings.max_k,

@@ -37,6 +37,7 @@ class ServeOptions:
     refresh_seconds: float = 5.0
     index: str = "auto"  # exact, approximate or auto (see ServedTarget)
     nprobe: int | None = None
+    query_runtime: str = "auto"  # onnx, torch or auto (see ServedTarget)
     token_env: str = DEFAULT_TOKEN_ENV
     limits: ServeLimits = field(default_factory=ServeLimits)
     open_options: tuple[tuple[str, Any], ...] = ()
@@ -127,7 +128,12 @@ def _prepare(
         open_target = _opener(options)
     opener = open_target
     service = Service(
-        lambda: ServedTarget(opener, index=options.index, nprobe=options.nprobe),
+        lambda: ServedTarget(
+            opener,
+            index=options.index,
+            nprobe=options.nprobe,
+            query_runtime=options.query_runtime,
+        ),
         limits=options.limits,
         token=token,
         refresh_seconds=options.refresh_seconds,

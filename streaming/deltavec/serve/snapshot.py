@@ -36,6 +36,7 @@ from deltavec.serve.keywords import KeywordIndex, KeywordView, key_id
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from deltavec.embed.encoder import Encoder
     from deltavec.search.approximate import IvfView
     from deltavec.search.index import IndexView, Ranker, Slots
     from deltavec.search.semantic import SemanticSearch
@@ -48,6 +49,7 @@ _FILE = "__file"
 # 22-27 ms in the server, half that here) and a second copy of the vectors is not.
 AUTO_APPROXIMATE_ROWS = 50_000
 INDEX_MODES = ("auto", "exact", "approximate")
+QUERY_RUNTIMES = ("auto", "torch", "onnx")
 # Filters remembered per snapshot (each holds up to one int64 per row).
 _CACHED_FILTERS = 32
 
@@ -197,6 +199,10 @@ class ServedTarget:
             ``"auto"`` (approximate from ``AUTO_APPROXIMATE_ROWS`` live rows
             when FAISS is installed).
         nprobe: clusters an approximate query visits (None: 1/16 of them).
+        query_runtime: what runs the model's transformer for query vectors on a
+            CPU: ``"onnx"`` (ONNX Runtime, ``deltavec.embed.onnx_queries``; the
+            server does not start without it), ``"torch"``, or ``"auto"`` (onnx
+            when its export gives torch's vectors, torch otherwise).
     """
 
     def __init__(
@@ -205,9 +211,15 @@ class ServedTarget:
         *,
         index: str = "auto",
         nprobe: int | None = None,
+        query_runtime: str = "auto",
     ) -> None:
         if index not in INDEX_MODES:
             raise ValueError(f"index must be one of {', '.join(INDEX_MODES)} (got {index!r})")
+        if query_runtime not in QUERY_RUNTIMES:
+            raise ValueError(
+                f"query_runtime must be one of {', '.join(QUERY_RUNTIMES)} (got {query_runtime!r})"
+            )
+        self._query_runtime = query_runtime
         if index == "approximate":
             from deltavec.search.approximate import require_faiss
 
@@ -220,6 +232,8 @@ class ServedTarget:
         self.current = self._build(open_target())
 
     def _build(self, search: SemanticSearch) -> Snapshot:
+        # Before the snapshot exists, so no query ever sees the encoder change.
+        search.encoder = self._query_encoder(search)
         keywords = KeywordIndex() if search.source_path and search.template else None
         self._keyword_index = keywords
         view = search.index.view()
@@ -230,6 +244,22 @@ class ServedTarget:
         # Ranked exactly until ``complete`` adds the approximate index: the server
         # answers from the moment the vectors are loaded.
         return Snapshot(search, view, keyword_view, search.index.model_identity, batcher)
+
+    def _query_encoder(self, search: SemanticSearch) -> Encoder:
+        """The encoder the server's query vectors come from: the target's, on
+        ONNX Runtime when ``query_runtime`` asks for it and it checks out."""
+        encoder = search.encoder
+        if self._query_runtime == "torch":
+            return encoder
+        from deltavec.embed.onnx_queries import OnnxUnavailable, onnx_query_encoder
+
+        try:
+            return onnx_query_encoder(encoder, prompt=search.query_prompt)
+        except OnnxUnavailable as exc:
+            if self._query_runtime == "onnx":
+                raise
+            log.info("query vectors on torch: %s", exc)
+            return encoder
 
     def complete(self) -> bool:
         """Give the current snapshot the approximate index it wants and lacks.
