@@ -328,6 +328,26 @@ def time_inserts(
     return seconds
 
 
+def start_job(
+    command: list[str], consumer: Consumer, keys: list[int], what: str
+) -> tuple[subprocess.Popen[str], JobLog, float]:
+    """Start a streaming job's process; seconds from its start until ``consumer``
+    finds ``keys`` (a commit made before the start)."""
+    started = time.time()
+    process = subprocess.Popen(
+        command, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    log = JobLog(process)
+    threading.Thread(target=log.follow, daemon=True).start()
+    try:
+        seen = wait_for(consumer.when(consumer.has_keys(keys)), 300, what)
+    except SystemExit:
+        sys.stderr.write("".join(log.lines[-40:]))
+        stop(process)
+        raise
+    return process, log, seen - started
+
+
 def floor(root: Path, interval: str, first_id: int, args: argparse.Namespace) -> dict[str, Any]:
     """The same inserts through ``freshness_floor.py``: a stream that only appends.
 
@@ -345,43 +365,36 @@ def floor(root: Path, interval: str, first_id: int, args: argparse.Namespace) ->
     write_deltalake(
         source, pa.Table.from_pylist([paper(i) for i in warm_up], schema=SCHEMA), mode="append"
     )
-    started = time.time()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "freshness_floor.py"),
-            source,
-            str(root / "floor_target"),
-            str(root / "floor_checkpoint"),
-            interval,
-            str(DeltaTable(source).version()),
-        ],
-        env=job_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    log = JobLog(process)
-    threading.Thread(target=log.follow, daemon=True).start()
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "freshness_floor.py"),
+        source,
+        str(root / "floor_target"),
+        str(root / "floor_checkpoint"),
+        interval,
+        str(DeltaTable(source).version()),
+    ]
     try:
-        startup = wait_for(consumer.when(consumer.has_keys(warm_up)), 300, "the floor's start")
-        inserts = time_inserts(
-            consumer, source, first_id + args.rows, args.floor_commits, args.rows, args.every,
-            args.timeout,
-        )  # fmt: skip
-    except SystemExit:
-        sys.stderr.write("".join(log.lines[-40:]))
-        raise
+        process, log, startup = start_job(command, consumer, warm_up, "the floor's start")
+        try:
+            inserts = time_inserts(
+                consumer, source, first_id + args.rows, args.floor_commits, args.rows, args.every,
+                args.timeout,
+            )  # fmt: skip
+        except SystemExit:
+            sys.stderr.write("".join(log.lines[-40:]))
+            raise
+        finally:
+            stop(process)
     finally:
         consumer.stop.set()
-        stop(process)
     if consumer.errors:
         raise SystemExit(f"the floor's consumer failed: {consumer.errors[0]}")
     return {
         "floor_p50_s": round(percentile(inserts, 50), 3),
         "floor_p90_s": round(percentile(inserts, 90), 3),
         "floor_max_s": round(max(inserts), 3),
-        "floor_startup_s": round(startup - started, 3),
+        "floor_startup_s": round(startup, 3),
     }
 
 
@@ -437,18 +450,8 @@ def main() -> None:
         write_deltalake(
             source, pa.Table.from_pylist([paper(i) for i in first], schema=SCHEMA), mode="append"
         )
-        started = time.time()
-        process = subprocess.Popen(
-            deltavec("run", "--config", str(config)),
-            env=job_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        log = JobLog(process)
-        threading.Thread(target=log.follow, daemon=True).start()
-        startup = (
-            wait_for(consumer.when(consumer.has_keys(first)), 300, "the first batch") - started
+        process, log, startup = start_job(
+            deltavec("run", "--config", str(config)), consumer, first, "the first batch"
         )
         timed_from = len(log.batches)
 

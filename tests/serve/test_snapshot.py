@@ -29,15 +29,23 @@ def identity(model_path: str) -> str:
     return model_identity("default", model_path)
 
 
+def _tables(
+    tmp_path: Path, rows: list[dict[str, Any]], encoder: Any, identity: str
+) -> tuple[Path, Path]:
+    """A source of ``rows`` and a target holding their vectors."""
+    source, target = tmp_path / "source", tmp_path / "target"
+    write_source(source, rows)
+    write_target(target, rows, encoder, identity, source=source)
+    return source, target
+
+
 @pytest.fixture
 def served(tmp_path: Path, encoder: Any, identity: str) -> ServedTarget:
     rows = [
         {"id": i, "title": f"Item {i}", "body": f"text number {i}", "year": 2010 + i}
         for i in range(16)
     ]
-    source, target = tmp_path / "source", tmp_path / "target"
-    write_source(source, rows)
-    write_target(target, rows, encoder, identity, source=source)
+    _, target = _tables(tmp_path, rows, encoder, identity)
     return ServedTarget(lambda: open_search(str(target)))
 
 
@@ -156,9 +164,7 @@ def test_a_failed_approximate_build_keeps_the_server_following_the_table_exactly
     from deltavec.search.approximate import IvfView
 
     rows = [{"id": i, "title": f"Item {i}", "body": f"text {i}", "year": 2020} for i in range(8)]
-    source, target = tmp_path / "source", tmp_path / "target"
-    write_source(source, rows)
-    write_target(target, rows, encoder, identity, source=source)
+    source, target = _tables(tmp_path, rows, encoder, identity)
     served = ServedTarget(lambda: open_search(str(target)), index="approximate")
     build = IvfView.build
 
@@ -184,9 +190,7 @@ def test_query_vectors_come_from_onnx_only_when_its_export_gives_torchs(
     tmp_path: Path, encoder: Any, identity: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rows = [{"id": i, "title": f"Item {i}", "body": f"text {i}", "year": 2020} for i in range(4)]
-    source, target = tmp_path / "source", tmp_path / "target"
-    write_source(source, rows)
-    write_target(target, rows, encoder, identity, source=source)
+    _, target = _tables(tmp_path, rows, encoder, identity)
 
     def served(**options: Any) -> ServedTarget:
         return ServedTarget(lambda: open_search(str(target)), **options)
