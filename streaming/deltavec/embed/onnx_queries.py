@@ -1,9 +1,8 @@
 """The model's transformer on ONNX Runtime, for query vectors on a CPU.
 
-A search server embeds a few short queries at a time, where torch spends much
-of each forward pass dispatching operators rather than computing them: for the
-default model, 1-4 short queries on one thread came out 2.1-2.4x faster on ONNX
-Runtime, tokenizing included (README, Serving search). Only the model's first
+A search server embeds a few short queries at a time: for the default model,
+1-4 short queries on one thread came out 2.1-2.4x faster on ONNX Runtime than on
+torch, tokenizing included (README, Serving search). Only the model's first
 module, the Hugging Face transformer, moves: it is exported with ``torch.onnx``
 from the weights already loaded, and the rest of the model's own module stack
 (pooling, dense layers, normalisation) still runs in torch on its output, as
