@@ -16,8 +16,9 @@ import pytest
 from deltalake import DeltaTable
 
 from deltavec.search import VectorIndex
-from deltavec.search.approximate import IvfView
+from deltavec.search.approximate import IvfIndex, IvfView
 from deltavec.search.index import Hit
+from deltavec.search.state import vectors_at
 from tests.search.test_index import merge, unit_vectors, write_target
 
 DIM = 32
@@ -145,6 +146,68 @@ def test_slots_of_another_version_are_refused(target: tuple[Path, np.ndarray]) -
     newer_rows = index.view().slots_of(_keys(np.array([1, 2])))
     with pytest.raises(ValueError, match="another version"):
         ann.search_many(vectors[:1], 10, rows=[newer_rows])
+
+
+def test_rows_that_come_back_unchanged_keep_their_clusters_and_only_changed_rows_are_placed(
+    target: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = target
+    index = VectorIndex(str(path))
+    first = IvfView.build(index.view())
+    placed = count_placed(monkeypatch)
+
+    # Two updates and an insert: the MERGE rewrites the 2,000-row file of 7 and 8.
+    merge(path, np.array([7, 8, ROWS + 1]), clustered(3, seed=7))
+    index.refresh()
+    second = first.follow(index.view())
+    assert placed == [3]  # the rewritten file's other 1,998 rows kept their clusters
+    assert clusters_of(second.ivf) == clusters_faiss_gives(second)
+
+    DeltaTable(str(path)).delete(f"id < {ROWS // 2}")  # half the rows: compacted
+    index.refresh()
+    assert len(index.view().state.blocks) == 1  # every row under a new slot
+    third = second.follow(index.view())
+    assert placed == [3]  # all of them back in their clusters, none placed again
+    assert clusters_of(third.ivf) == clusters_faiss_gives(third)
+    assert third.ivf.index.ntotal == len(index)
+
+
+def count_placed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the rows an index compares with every cluster centre, one entry per call."""
+    placed: list[int] = []
+    assign = IvfIndex.assign
+
+    def counted(self: IvfIndex, x: np.ndarray) -> np.ndarray:
+        placed.append(len(x))
+        return assign(self, x)
+
+    monkeypatch.setattr(IvfIndex, "assign", counted)
+    return placed
+
+
+def clusters_of(ivf: IvfIndex) -> dict[int, int]:
+    """Slot -> the cluster whose inverted list holds it."""
+    import faiss
+
+    lists = ivf.index.invlists
+    out: dict[int, int] = {}
+    for number in range(ivf.index.nlist):
+        size = lists.list_size(number)
+        if size:
+            ids = faiss.rev_swig_ptr(lists.get_ids(number), size)
+            out.update(dict.fromkeys(ids.tolist(), number))
+    return out
+
+
+def clusters_faiss_gives(view: IvfView) -> dict[int, int]:
+    """Where FAISS's own ``add_with_ids`` puts the view's live rows, with the same centres."""
+    import faiss
+
+    fresh = faiss.clone_index(view.ivf.index)
+    fresh.reset()
+    slots = np.flatnonzero(view.view.state.live)
+    fresh.add_with_ids(vectors_at(view.view.state, slots), slots)
+    return clusters_of(IvfIndex(fresh, view.ivf.nprobe))
 
 
 def _keys(ids: np.ndarray) -> pa.Table:

@@ -33,7 +33,7 @@ from deltavec.columns import EMBEDDING, MODEL
 from deltavec.errors import ModelChangedError, TargetError
 from deltavec.search import deletions, delta_files, refresh
 from deltavec.search.refresh import RefreshReport
-from deltavec.search.state import FileRows, IndexState, compact, needs_compaction
+from deltavec.search.state import FileRows, IndexState, compact, needs_compaction, vectors_at
 from deltavec.sink.target import DIM_PROPERTY, KEYS_PROPERTY, MODEL_PROPERTY
 
 if TYPE_CHECKING:
@@ -477,12 +477,9 @@ class IndexView:
 
     def _vectors_at(self, slots: np.ndarray) -> np.ndarray:
         """The vectors of sorted ``slots``, in that order."""
-        parts, offset = [], 0
-        for block in self.state.blocks:
-            lo, hi = np.searchsorted(slots, [offset, offset + len(block)])
-            parts.append(block.matrix[slots[lo:hi] - offset])
-            offset += len(block)
-        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+        if not self.state.blocks:
+            return np.zeros((0, self.dim), np.float32)
+        return vectors_at(self.state, slots)
 
     def hits(self, slots: np.ndarray, scores: np.ndarray) -> list[Hit]:
         """``Hit``s (keys and scores) for slots of this version."""
