@@ -26,10 +26,14 @@ closed loops.
 
 Meanwhile a writer (a process of its own, as the job is) commits a 1,000-row
 MERGE (500 updated keys, 500 new) to the target and the source every 10 s; the
-server refreshes every 2 s. Reported per mode: QPS, p50/p99 latency, errors;
-the refreshes the server applied; how it ranked vector queries (``--index``,
-passed to the server: by default approximate at this size) and their recall@10
-against exact search of the version served. The last line printed is one JSON object.
+server refreshes every 2 s. The server and the writer each run in a session of
+their own, as separate services do, so Linux's autogroup scheduler shares the
+cores between them as groups (``--one-session``: both in the benchmark's session,
+where every thread of the three processes competes alone). Reported per mode:
+QPS, p50/p99 latency, errors; the refreshes the server applied; how it ranked
+vector queries (``--index``, passed to the server: by default approximate at
+this size) and their recall@10 against exact search of the version served.
+The last line printed is one JSON object.
 
     python benchmarks/serve.py                # about 4 minutes
     python benchmarks/serve.py --index exact  # every query scans every vector
@@ -148,16 +152,19 @@ def build(root: Path, rows: int, identity: str, centres: np.ndarray) -> tuple[Pa
 
 
 def merge_loop(source: Path, target: Path, rows: int, identity: str, centres: np.ndarray,
-               every: float, stop: Any, done: Any) -> None:  # fmt: skip
+               every: float, stop: Any, done: Any, own_session: bool) -> None:  # fmt: skip
     """Every ``every`` s: 500 keys of one file updated, 500 new keys, in both tables.
 
     Runs in a process of its own, as the job that writes a target does, so it
     never holds the GIL the clients' event loop needs (measured at 150 vector
     queries/s: p99 113.7 ms this way, 109.7-127.6 ms as a thread: the writer's
     CPU, not the GIL, is what costs). ``done`` (a queue) gets each MERGE's seconds.
+    ``own_session``: see ``--one-session``.
     """
     from deltalake import DeltaTable
 
+    if own_session:
+        os.setsid()
     rng = np.random.default_rng(1)
     edition, fresh = 1, rows
     while every > 0 and not stop.wait(every):
@@ -332,6 +339,14 @@ def scrape(url: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def autogroup() -> bool | None:
+    """Whether this Linux kernel schedules each session as a group (None: no such setting)."""
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -369,6 +384,12 @@ def main() -> None:
         help="the server's --refresh-seconds (default 2)",
     )
     parser.add_argument(
+        "--one-session",
+        action="store_true",
+        help="run the server and the writer in this process's session rather than each in "
+        "its own (where Linux's autogroup scheduling then shares the CPU thread by thread)",
+    )
+    parser.add_argument(
         "--merge-every",
         type=float,
         default=MERGE_EVERY,
@@ -401,7 +422,11 @@ def main() -> None:
             command += ["--query-runtime", args.query_runtime]
         started = time.perf_counter()
         log_file = (root / "server.log").open("wb")
-        server = subprocess.Popen(command, env=env, stderr=log_file)
+        # Each in a session of its own, as separate services are (a systemd unit,
+        # a container): Linux then shares the CPU between them as groups, not
+        # between their threads, so the writer's threads do not outnumber the server's.
+        own_session = not args.one_session
+        server = subprocess.Popen(command, env=env, stderr=log_file, start_new_session=own_session)
         url = f"http://127.0.0.1:{args.port}"
         while True:
             try:
@@ -427,7 +452,17 @@ def main() -> None:
         index_mode, query_runtime = health["index"], health["query_runtime"]
         writer = spawn.Process(
             target=merge_loop,
-            args=(source, target, args.rows, identity, centres, args.merge_every, stop, done),
+            args=(
+                source,
+                target,
+                args.rows,
+                identity,
+                centres,
+                args.merge_every,
+                stop,
+                done,
+                own_session,
+            ),
         )
         writer.start()
         results = {}
@@ -486,6 +521,8 @@ def main() -> None:
                 "index_ready_seconds": round(index_ready, 1),
                 "index": index_mode,
                 "query_runtime": query_runtime,
+                "own_sessions": own_session,
+                "autogroup": autogroup(),
                 "vector_recall": recall,
                 "modes": results,
                 "paced": at_rate,
