@@ -332,6 +332,67 @@ def test_a_model_change_is_picked_up_without_mixing_models(
     np.testing.assert_allclose(np.array(after["vectors"][0]), expected[0], atol=1e-6)
 
 
+def test_with_what_it_loaded_frozen_the_server_still_frees_old_snapshots_and_models(
+    tables: tuple[Path, Path, list[dict[str, Any]]],
+    tmp_path: Path,
+    model_path: str,
+    encoder: Any,
+    identity: str,
+) -> None:
+    """``deltavec serve`` freezes what it has loaded out of full garbage collections
+    (``deltavec.serve.collector``); what a refresh or a model change replaces must
+    still be freed, or a server running for months would grow with every one."""
+    import gc
+    import weakref
+
+    from deltavec.embed.encoder import EncoderSpec
+    from deltavec.embed.models import model_identity
+    from deltavec.embed.udf import get_encoder
+    from tests.other_model import truncated_model
+
+    source, target, rows = tables
+    other = str(truncated_model(model_path, tmp_path / "other"))
+    other_encoder = get_encoder(EncoderSpec(model=other, device="cpu"))
+    options = ServeOptions(table=str(target), port=0, refresh_seconds=0.2)
+    server = start(options, freeze_loaded=True)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            wait_until(lambda: client.get("/healthz").status_code == 200, seconds=120)
+            served = server.service.served
+            assert served is not None
+            # What a full collection still walks is a small part of what is loaded.
+            assert len(gc.get_objects()) < gc.get_freeze_count() / 10
+            first_snapshot = weakref.ref(served.current)
+            first_model = weakref.ref(served.current.search)
+
+            row = {"id": 902, "title": "Later", "body": "a row after the freeze", "year": 1}
+            write_source(source, [row])
+            write_target(target, [row], encoder, identity, source=source)
+            wait_until(lambda: client.get("/healthz").json()["rows"] == len(rows) + 1, seconds=30)
+            gc.collect()
+            assert first_snapshot() is None
+
+            # Queries start the model's own threads, which must end with it.
+            assert client.post("/search", json={"query": render(rows[60])}).status_code == 200
+            # A reembed's new table, in two commits to pass the version served.
+            shutil.rmtree(target)
+            for part in (rows[:100], rows[100:]):
+                write_target(
+                    target, part, other_encoder, model_identity(other, other), source=source,
+                    model_name=other,
+                )  # fmt: skip
+            DeltaTable(str(target)).alter.set_table_properties(
+                {"deltavec.reembedded": "yes"}, raise_if_not_exists=False
+            )
+            # The server's own collections free the old model, then it freezes again.
+            wait_until(lambda: first_model() is None, seconds=30)
+            wait_until(lambda: len(gc.get_objects()) < gc.get_freeze_count() / 10, seconds=30)
+            assert client.post("/search", json={"query": render(rows[60])}).status_code == 200
+    finally:
+        server.stop()
+        gc.unfreeze()
+
+
 def test_healthz_is_503_until_the_target_exists_then_serves_it(
     tmp_path: Path, encoder: Any, identity: str
 ) -> None:

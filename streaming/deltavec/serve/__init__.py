@@ -2,7 +2,8 @@
 
 ``app`` holds the routes, ``snapshot`` what a query answers from and how it is
 refreshed, ``keywords`` the BM25 index, ``fusion`` the hybrid ranking, ``auth``
-the bearer token, ``server`` the uvicorn runner. FastAPI, uvicorn and tantivy
+the bearer token, ``server`` the uvicorn runner, ``collector`` what it keeps out
+of the garbage collector's full collections. FastAPI, uvicorn and tantivy
 are imported only here, so the job and ``deltavec search`` never load them.
 """
 

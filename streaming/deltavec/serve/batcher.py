@@ -82,6 +82,12 @@ class _Stage(Generic[T]):
                 self._thread.start()
             self._ready.notify()
 
+    def close(self) -> None:
+        """Let the thread exit as soon as nothing is pending (a later ``put`` starts one)."""
+        with self._ready:
+            self._idle = 0.0
+            self._ready.notify()
+
     def _run(self) -> None:
         self._on_start()
         while True:
@@ -127,6 +133,13 @@ class QueryBatcher:
             _Job([text], Future(), view=view, k=k, rows=rows)
         )
         return result
+
+    def close(self) -> None:
+        """Let both stages' threads exit once idle: a replaced model's batcher
+        then lets go of its model at once, not ``idle_seconds`` later. A call
+        after this still works."""
+        self._embedding.close()
+        self._ranking.close()
 
     def _submit(self, job: _Job) -> Any:
         self._embedding.put([job])

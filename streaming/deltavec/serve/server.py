@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from deltavec.errors import ConfigError
+from deltavec.serve import collector
 from deltavec.serve.app import ServeLimits, Service, create_app
 from deltavec.serve.auth import DEFAULT_TOKEN_ENV, server_token
 from deltavec.serve.snapshot import ServedTarget
@@ -58,14 +59,24 @@ class RunningServer:
 
 
 def start(
-    options: ServeOptions, *, open_target: Callable[[], SemanticSearch] | None = None
+    options: ServeOptions,
+    *,
+    open_target: Callable[[], SemanticSearch] | None = None,
+    freeze_loaded: bool = False,
 ) -> RunningServer:
     """Start serving on a background thread; returns once the socket listens.
+
+    Args:
+        options: where and what to serve.
+        open_target: opens the target (default: ``open_search`` with ``options``).
+        freeze_loaded: freeze what is loaded out of the process's garbage
+            collections, as ``serve`` does (``deltavec.serve.collector``); a
+            process-wide setting, so off unless the server owns the process.
 
     Raises:
         ConfigError: the address cannot be bound, or a non-loopback host has no token.
     """
-    server, sock, service = _prepare(options, open_target)
+    server, sock, service = _prepare(options, open_target, freeze_loaded=freeze_loaded)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -77,7 +88,7 @@ def start(
 
 def serve(options: ServeOptions) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully and return."""
-    server, sock, _ = _prepare(options, None)
+    server, sock, _ = _prepare(options, None, freeze_loaded=True)
     _one_ranking_thread()
     host, port = sock.getsockname()[:2]
     url = f"http://{_url_host(host)}:{port}"
@@ -119,7 +130,10 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def _prepare(
-    options: ServeOptions, open_target: Callable[[], SemanticSearch] | None
+    options: ServeOptions,
+    open_target: Callable[[], SemanticSearch] | None,
+    *,
+    freeze_loaded: bool,
 ) -> tuple[Any, socket.socket, Service]:
     import uvicorn
 
@@ -133,6 +147,7 @@ def _prepare(
             index=options.index,
             nprobe=options.nprobe,
             query_runtime=options.query_runtime,
+            freezer=collector.LoadedObjectFreezer() if freeze_loaded else None,
         ),
         limits=options.limits,
         token=token,

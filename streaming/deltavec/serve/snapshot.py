@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from deltavec.search.approximate import IvfView
     from deltavec.search.index import IndexView, Ranker, Slots
     from deltavec.search.semantic import SemanticSearch
+    from deltavec.serve.collector import LoadedObjectFreezer
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,8 @@ class ServedTarget:
             CPU: ``"onnx"`` (ONNX Runtime, ``deltavec.embed.onnx_queries``; the
             server does not start without it), ``"torch"``, or ``"auto"`` (onnx
             when its export gives torch's vectors, torch otherwise).
+        freezer: keeps what is loaded out of the process's full garbage
+            collections (``deltavec.serve.collector``); None leaves them alone.
     """
 
     def __init__(
@@ -212,6 +215,7 @@ class ServedTarget:
         index: str = "auto",
         nprobe: int | None = None,
         query_runtime: str = "auto",
+        freezer: LoadedObjectFreezer | None = None,
     ) -> None:
         if index not in INDEX_MODES:
             raise ValueError(f"index must be one of {', '.join(INDEX_MODES)} (got {index!r})")
@@ -230,6 +234,9 @@ class ServedTarget:
         self._refreshing = threading.Lock()
         self.refreshed_at = time.time()
         self.current = self._build(open_target())
+        self._freezer = freezer
+        if freezer is not None:
+            freezer.loaded()
 
     def _build(self, search: SemanticSearch) -> Snapshot:
         # Before the snapshot exists, so no query ever sees the encoder change.
@@ -331,8 +338,13 @@ class ServedTarget:
             try:
                 old.search.refresh()
             except ModelChangedError as exc:
-                log.info("%s; loading the new model", exc)
+                # The message, not the exception: a kept log record would keep
+                # its traceback's frames, and with them the old model, alive.
+                log.info("%s; loading the new model", str(exc))
                 self.current = self._build(self._open())
+                old.batcher.close()
+                if self._freezer is not None:
+                    self._freezer.model_replaced(old.search)
                 self.refreshed_at = started
                 keywords = self.current.keywords
                 return RefreshOutcome(
@@ -377,12 +389,14 @@ class ServedTarget:
                 log.warning(
                     "refresh failed, still serving version %d: %s",
                     self.current.version,
-                    exc,
+                    str(exc),  # not exc: see the model change in ``refresh``
                     exc_info=not isinstance(exc, DeltavecError),
                 )
                 on_refresh(None)
                 continue
             on_refresh(outcome)
+            if self._freezer is not None:
+                self._freezer.refreshed()
 
 
 def changed_keys(old: IndexView, new: IndexView) -> tuple[pa.Table, pa.Table]:
