@@ -7,6 +7,7 @@ service in another Python process (and for the tests).
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socket
@@ -102,6 +103,9 @@ def serve(options: ServeOptions) -> None:
         log.info("stopped serving %s", options.table)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        # Unfrozen, what was loaded is freed at exit as usual: nanobind-bound
+        # modules (triton's, which torch loads) report what is left as leaks.
+        gc.unfreeze()
 
 
 def _one_ranking_thread() -> None:
