@@ -7,7 +7,7 @@ holds the GIL, so no query is answered meanwhile. A loaded server tracks about
 The objects each refresh builds set one off every 10-15 s under load, and one of
 them inside a 30 s ``bench-serve`` window put 55 of 4,500 vector queries past
 60 ms by itself. Frozen (``gc.freeze``), those objects are skipped, and a full
-collection of what is left took 0.5-2 ms.
+collection of what is left took 0.5-5.6 ms.
 
 Frozen objects are still freed when their last reference goes, but garbage
 cycles among them never are: a replaced model (a reembed) is often such a cycle,
