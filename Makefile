@@ -12,7 +12,7 @@ DELTA_VERSION := $(shell sed -n 's/.*"delta-spark==\([0-9.]*\)".*/\1/p' pyprojec
 DELTA_JAR := $(HOME)/.m2/repository/io/delta/delta-spark_2.13/$(DELTA_VERSION)/delta-spark_2.13-$(DELTA_VERSION).jar
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-cluster test-gpu bench bench-int8 bench-search bench-serve bench-merge bench-freshness lint check-alerts typecheck setup jars clean
+.PHONY: demo test test-fast test-cluster test-gpu bench bench-int8 bench-search bench-serve bench-serve-refresh bench-merge bench-freshness lint check-alerts typecheck setup jars clean
 
 setup: $(STAMP) jars
 
@@ -65,6 +65,11 @@ bench-search: setup
 # 1,000-row MERGEs land (~4 min).
 bench-serve: setup
 	$(BIN)/python benchmarks/serve.py
+
+# One refresh after each of the serving benchmark's MERGEs, in process: how long it
+# holds the interpreter the queries need, with and without the job's text hashes.
+bench-serve-refresh: setup
+	$(BIN)/python benchmarks/serve_refresh.py
 
 # MERGE cost against 10k, 100k and 1M-row targets (about 2 GB of disk, 20+ minutes).
 bench-merge: setup

@@ -1,7 +1,8 @@
 """Serving benchmark: `deltavec serve` under load while the target takes MERGEs.
 
 Builds a 100,000-row target (synthetic 384-dim vectors recorded under the default
-model's identity, so the server loads the real model for the queries) and a
+model's identity, so the server loads the real model for the queries, and each
+row's text hash, as the job records it) and a
 source of the same keys with text (a title, a body of vocabulary words, a
 product code unique to the row, a year), written with delta-rs in files of
 10,000 rows. The vectors lie in clusters (as ``benchmarks/search.py`` makes
@@ -47,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import hashlib
 import json
 import multiprocessing
 import os
@@ -115,29 +117,52 @@ def centres_from_model() -> np.ndarray:
 
 
 def vectors_for(
-    ids: np.ndarray, rng: np.random.Generator, identity: str, centres: np.ndarray
+    source_rows: pa.Table,
+    rng: np.random.Generator,
+    identity: str,
+    centres: np.ndarray,
+    *,
+    hashed: bool = True,
 ) -> pa.Table:
+    """Target rows for ``source_rows``: a vector near a centre, and the job's text hash.
+
+    The hash is what the job records (SHA-256 of the rendered template): the
+    server tells from it which rows of a rewritten file have new text.
+    ``hashed=False``: without it, as a target not written by the job may be.
+    """
+    from deltavec.search.source_table import render
+
+    ids = source_rows.column("id").to_numpy()
     v = clustered(rng, centres, len(ids)).astype(np.float32)
     offsets = pa.array(np.arange(0, len(ids) * DIM + 1, DIM, dtype=np.int32))
-    return pa.table(
-        {
-            "id": pa.array(ids, pa.int64()),
-            "embedding": pa.ListArray.from_arrays(offsets, pa.array(v.ravel())),
-            "model": pa.array([identity] * len(ids)),
-            "dim": pa.array(np.full(len(ids), DIM, np.int32)),
-        }
-    )
+    columns = {
+        "id": pa.array(ids, pa.int64()),
+        "embedding": pa.ListArray.from_arrays(offsets, pa.array(v.ravel())),
+        "model": pa.array([identity] * len(ids)),
+        "dim": pa.array(np.full(len(ids), DIM, np.int32)),
+    }
+    if hashed:
+        rendered = [render(TEMPLATE, row) for row in source_rows.to_pylist()]
+        columns["text_hash"] = pa.array([hashlib.sha256(t.encode()).hexdigest() for t in rendered])
+    return pa.table(columns)
 
 
-def build(root: Path, rows: int, identity: str, centres: np.ndarray) -> tuple[Path, Path]:
+def build(
+    root: Path, rows: int, identity: str, centres: np.ndarray, *, hashed: bool = True
+) -> tuple[Path, Path]:
     from deltalake import DeltaTable, write_deltalake
 
     rng = np.random.default_rng(0)
     source, target = root / "source", root / "target"
     for start in range(0, rows, FILE_ROWS):
         ids = np.arange(start, min(rows, start + FILE_ROWS))
-        write_deltalake(str(source), texts(ids, rng), mode="append")
-        write_deltalake(str(target), vectors_for(ids, rng, identity, centres), mode="append")
+        rows_of_source = texts(ids, rng)
+        write_deltalake(str(source), rows_of_source, mode="append")
+        write_deltalake(
+            str(target),
+            vectors_for(rows_of_source, rng, identity, centres, hashed=hashed),
+            mode="append",
+        )
     DeltaTable(str(target)).alter.set_table_properties(
         {
             "deltavec.model": identity,
@@ -162,30 +187,37 @@ def merge_loop(source: Path, target: Path, rows: int, identity: str, centres: np
     CPU, not the GIL, is what costs). ``done`` (a queue) gets each MERGE's seconds.
     ``own_session``: see ``--one-session``.
     """
-    from deltalake import DeltaTable
-
     if own_session:
         os.setsid()
     rng = np.random.default_rng(1)
-    edition, fresh = 1, rows
+    edition = 1
     while every > 0 and not stop.wait(every):
-        first = int(rng.integers(0, rows // FILE_ROWS)) * FILE_ROWS
-        ids = np.concatenate([np.arange(first, first + 500), np.arange(fresh, fresh + 500)])
-        fresh += 500
         started = time.perf_counter()
-        for path, data in (
-            (source, texts(ids, rng, edition)),
-            (target, vectors_for(ids, rng, identity, centres)),
-        ):
-            (
-                DeltaTable(str(path))
-                .merge(data, "t.id = s.id", source_alias="s", target_alias="t")
-                .when_matched_update_all()
-                .when_not_matched_insert_all()
-                .execute()
-            )
+        merge_once(source, target, rows, edition, rng, identity, centres)
         edition += 1
         done.put(time.perf_counter() - started)
+
+
+def merge_once(source: Path, target: Path, rows: int, edition: int, rng: np.random.Generator,
+               identity: str, centres: np.ndarray, *, hashed: bool = True) -> None:  # fmt: skip
+    """The writer's MERGE number ``edition`` (from 1): 500 keys of one file updated, 500 new."""
+    from deltalake import DeltaTable
+
+    first = int(rng.integers(0, rows // FILE_ROWS)) * FILE_ROWS
+    fresh = rows + (edition - 1) * 500
+    ids = np.concatenate([np.arange(first, first + 500), np.arange(fresh, fresh + 500)])
+    rows_of_source = texts(ids, rng, edition)
+    for path, data in (
+        (source, rows_of_source),
+        (target, vectors_for(rows_of_source, rng, identity, centres, hashed=hashed)),
+    ):
+        (
+            DeltaTable(str(path))
+            .merge(data, "t.id = s.id", source_alias="s", target_alias="t")
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute()
+        )
 
 
 def query_for(rng: np.random.Generator, mode: str, rows: int) -> dict[str, Any]:

@@ -7,7 +7,8 @@ and the table properties the job records (model, keys, source, template), so
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,17 @@ def render(row: dict[str, Any]) -> str:
     return TEMPLATE.format(**row)
 
 
+def sha256_hex(text: str) -> str:
+    """The job's text hash."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def write_source(path: Path, rows: list[dict[str, Any]], mode: str = "append") -> None:
-    table = pa.Table.from_pylist(
+    write_deltalake(str(path), source_table(rows), mode=mode)
+
+
+def source_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(
         rows,
         schema=pa.schema(
             [
@@ -39,7 +49,6 @@ def write_source(path: Path, rows: list[dict[str, Any]], mode: str = "append") -
             ]
         ),
     )
-    write_deltalake(str(path), table, mode=mode)
 
 
 def write_target(
@@ -50,12 +59,21 @@ def write_target(
     *,
     source: Path,
     model_name: str = "default",
+    text_hash: Callable[[str], str] | None = sha256_hex,
 ) -> np.ndarray:
-    """Embed the rows' text and append them; a new target gets the job's properties."""
+    """Embed the rows' text and append them; a new target gets the job's properties.
+
+    ``text_hash``: what the ``text_hash`` column holds for a row's text (the
+    job's is SHA-256 in hex); None: no such column, as in a target not written
+    by the job.
+    """
     new = not (path / "_delta_log").exists()
     vectors, _ = encoder.encode([render(r) for r in rows])
-    ids = np.array([r["id"] for r in rows], dtype=np.int64)
-    write_deltalake(str(path), target_rows(ids, np.asarray(vectors), identity), mode="append")
+    write_deltalake(
+        str(path),
+        target_table(rows, np.asarray(vectors), identity, text_hash=text_hash),
+        mode="append",
+    )
     if new:
         DeltaTable(str(path)).alter.set_table_properties(
             {
@@ -69,6 +87,22 @@ def write_target(
             raise_if_not_exists=False,
         )
     return np.asarray(vectors)
+
+
+def target_table(
+    rows: list[dict[str, Any]],
+    vectors: np.ndarray,
+    identity: str,
+    *,
+    text_hash: Callable[[str], str] | None = sha256_hex,
+) -> pa.Table:
+    """Target rows for source ``rows`` (``text_hash``: as ``write_target`` takes it)."""
+    ids = np.array([r["id"] for r in rows], dtype=np.int64)
+    table = target_rows(ids, vectors, identity)
+    if text_hash is not None:
+        digests = [text_hash(render(r)) for r in rows]
+        table = table.append_column("text_hash", pa.array(digests))
+    return table
 
 
 @contextmanager

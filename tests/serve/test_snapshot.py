@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from deltalake import DeltaTable
 
 import deltavec.serve.snapshot as snapshot_module
 from deltavec.embed.onnx_queries import OnnxUnavailable
@@ -17,7 +20,14 @@ from deltavec.errors import SearchError
 from deltavec.search.semantic import open_search
 from deltavec.serve.snapshot import ServedTarget
 from tests.embed.onnx_faults import drift_onnx_sessions
-from tests.serve.targets import write_source, write_target
+from tests.serve.targets import (
+    render,
+    sha256_hex,
+    source_table,
+    target_table,
+    write_source,
+    write_target,
+)
 
 WHERE = "year >= 2020"
 
@@ -207,3 +217,115 @@ def test_query_vectors_come_from_onnx_only_when_its_export_gives_torchs(
     assert served().current.search.encoder.runtime == "torch"
     with pytest.raises(OnnxUnavailable, match="differ from torch's"):
         served(query_runtime="onnx")
+
+
+def _rows(ids: range) -> list[dict[str, Any]]:
+    return [
+        {"id": i, "title": f"Part {i}", "body": f"stocked under code{i}q", "year": 2010 + i}
+        for i in ids
+    ]
+
+
+def _merge(path: Path, data: Any) -> None:
+    """An upsert by id, as the job's MERGE does: it rewrites each file it touches whole."""
+    (
+        DeltaTable(str(path))
+        .merge(data, "t.id = s.id", source_alias="s", target_alias="t")
+        .when_matched_update_all()
+        .when_not_matched_insert_all()
+        .execute()
+    )
+
+
+def _found(served: ServedTarget, word: str) -> list[str]:
+    keywords = served.current.keywords
+    assert keywords is not None
+    return [hit.key for hit in keywords.search(word, 10)]
+
+
+@pytest.fixture
+def source_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The keys whose source rows the keyword index reads, in order (each ``rows_for`` call)."""
+    keys: list[int] = []
+    read = snapshot_module.rows_for
+
+    def counted(source: Any, wanted: Any, columns: list[str]) -> Any:
+        keys.extend(wanted.column("id").to_pylist())
+        return read(source, wanted, columns)
+
+    monkeypatch.setattr(snapshot_module, "rows_for", counted)
+    return keys
+
+
+def _md5_hex(text: str) -> str:
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "text_hash",
+    [sha256_hex, None, _md5_hex],
+    ids=["job-text-hashes", "no-text-hashes", "other-digests"],
+)
+def test_rewritten_files_cost_the_keyword_index_only_the_rows_whose_text_changed(
+    tmp_path: Path,
+    encoder: Any,
+    identity: str,
+    source_reads: list[int],
+    text_hash: Callable[[str], str] | None,
+) -> None:
+    # Only the job's digests say which rows have new text; without them (or
+    # with digests it does not write) the keyword index reads every rewritten row.
+    hashed = text_hash is sha256_hex
+    source, target = tmp_path / "source", tmp_path / "target"
+    write_source(source, _rows(range(16)))
+    write_target(target, _rows(range(16)), encoder, identity, source=source, text_hash=text_hash)
+    served = ServedTarget(lambda: open_search(str(target)), index="exact")
+    source_reads.clear()
+
+    # One row's text changes; the MERGE rewrites the file holding all 16.
+    changed = [{**_rows(range(3, 4))[0], "body": "now listed as code3renamed"}]
+    _merge(source, source_table(changed))
+    vectors, _ = encoder.encode([render(changed[0])])
+    _merge(target, target_table(changed, np.asarray(vectors), identity, text_hash=text_hash))
+    outcome = served.refresh()
+
+    assert outcome.changed
+    # With the job's text hashes only the changed row is read; without, the whole file.
+    assert sorted(source_reads) == ([3] if hashed else list(range(16)))
+    assert _found(served, "code3renamed") == ["[3]"]
+    assert _found(served, "code3q") == []
+    assert _found(served, "code5q") == ["[5]"]
+
+    # OPTIMIZE rewrites every row, changing no text.
+    write_source(source, _rows(range(16, 18)))
+    write_target(
+        target, _rows(range(16, 18)), encoder, identity, source=source, text_hash=text_hash
+    )
+    served.refresh()
+    source_reads.clear()
+    DeltaTable(str(target)).optimize.compact()
+    outcome = served.refresh()
+
+    assert outcome.changed
+    assert sorted(source_reads) == ([] if hashed else list(range(18)))
+    assert [_found(served, f"code{i}q") for i in (0, 5, 17)] == [["[0]"], ["[5]"], ["[17]"]]
+    assert _found(served, "code3renamed") == ["[3]"]
+
+
+def test_a_row_missing_from_the_source_gets_its_document_once_the_source_has_it_again(
+    tmp_path: Path, encoder: Any, identity: str
+) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    write_source(source, _rows(range(16)))
+    write_target(target, _rows(range(16)), encoder, identity, source=source)
+    # Deleted at the source and written back unchanged before the job ran: the
+    # target never changes, but the server started in between.
+    DeltaTable(str(source)).delete("id = 7")
+    served = ServedTarget(lambda: open_search(str(target)), index="exact")
+    assert _found(served, "code7q") == []
+
+    write_source(source, _rows(range(7, 8)))
+    served.refresh()
+
+    assert _found(served, "code7q") == ["[7]"]
+    assert _found(served, "code8q") == ["[8]"]

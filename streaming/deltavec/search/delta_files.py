@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from deltavec.columns import EMBEDDING, MODEL
+from deltavec.columns import EMBEDDING, MODEL, TEXT_HASH
 from deltavec.errors import TargetError
 from deltavec.search import deletions
 from deltavec.search.state import Block, FileRows
@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.dataset as pads
     from deltalake import DeltaTable
+
+# A text hash is a SHA-256 hex digest; ASCII byte -> its hex value (16: not a hex digit).
+_HEX_DIGITS = 64
+_HEX_VALUES = np.full(256, 16, np.uint8)
+_HEX_VALUES[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
+_HEX_VALUES[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
 
 # pyarrow's virtual column naming the file each scanned row came from.
 _FILENAME = "__filename"
@@ -140,8 +146,12 @@ def read_files(
     next_row: dict[int, int] = {}
     file_ids: dict[str, int] = {}
     models: set[str] = set()
+    # The job's targets record the hash of each row's text; other tables may not.
+    hashed = TEXT_HASH in data.schema.names
+    text_parts: list[np.ndarray] = []
     filled = 0
-    scanner = data.scanner(columns=[*keys, EMBEDDING, MODEL, _FILENAME], batch_size=_BATCH_ROWS)
+    columns = [*keys, EMBEDDING, MODEL, *([TEXT_HASH] if hashed else []), _FILENAME]
+    scanner = data.scanner(columns=columns, batch_size=_BATCH_ROWS)
     for batch in scanner.to_batches():
         n = batch.num_rows
         if n == 0:
@@ -171,6 +181,11 @@ def read_files(
         row_files = ids[names.indices.to_numpy(zero_copy_only=False)]
         file_parts.append(row_files)
         position_parts.append(_positions(row_files, next_row))
+        fingerprints = _fingerprints(batch.column(TEXT_HASH)) if hashed else None
+        if fingerprints is None:
+            hashed = False  # one row without a digest: the block has no fingerprints
+        else:
+            text_parts.append(fingerprints)
     # Files without rows count too, so that a later commit removing them is understood.
     for fragment in data.get_fragments():
         file_ids.setdefault(fragment.path, first_file_id + len(file_ids))
@@ -182,6 +197,7 @@ def read_files(
         keys=pa.Table.from_batches(key_batches, schema=key_schema),
         files=np.concatenate(file_parts) if file_parts else np.zeros(0, np.int32),
         positions=np.concatenate(position_parts) if position_parts else np.zeros(0, np.int64),
+        texts=np.concatenate(text_parts or [np.zeros(0, np.uint64)]) if hashed else None,
     )
     return FileRows(block, file_ids, models)
 
@@ -200,6 +216,36 @@ def _positions(row_files: np.ndarray, next_row: dict[int, int]) -> np.ndarray:
         positions[rows] = np.arange(start, start + rows.size)
         next_row[int(file_id)] = start + rows.size
     return positions
+
+
+def _fingerprints(column: pa.Array | pa.ChunkedArray) -> np.ndarray | None:
+    """The first 16 hex digits of each SHA-256 hex digest, as uint64; None if any is not one.
+
+    Read straight from the Arrow buffers: no Python string per row.
+    """
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count or not (
+        pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+    ):
+        return None
+    n = len(column)
+    if n == 0:
+        return np.zeros(0, np.uint64)
+    offset_type = np.int64 if pa.types.is_large_string(column.type) else np.int32
+    _, offsets, data = column.buffers()
+    ends = np.frombuffer(offsets, offset_type)[column.offset : column.offset + n + 1]
+    if not (np.diff(ends) == _HEX_DIGITS).all():
+        return None
+    text = np.frombuffer(data, np.uint8)[ends[0] : ends[-1]].reshape(n, _HEX_DIGITS)[:, :16]
+    nibbles = _HEX_VALUES[text]
+    if (nibbles > 15).any():
+        return None
+    shifts = np.arange(60, -4, -4, dtype=np.uint64)
+    fingerprints: np.ndarray = (nibbles.astype(np.uint64) << shifts).sum(axis=1, dtype=np.uint64)
+    return fingerprints
 
 
 def _distinct_strings(column: pa.Array | pa.ChunkedArray) -> set[str]:

@@ -30,6 +30,9 @@ class Block:
     keys: pa.Table
     files: np.ndarray  # int32 file id per row
     positions: np.ndarray  # int64 row number within its file, as deletion vectors count
+    # uint64 per row: the first 16 hex digits of the row's text_hash, i.e. which
+    # text its vector was made from. None: the files name no text hash.
+    texts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.matrix.shape[0])
@@ -73,6 +76,14 @@ class IndexState:
         return pa.concat_tables([b.keys for b in self.blocks])
 
 
+def text_fingerprints(state: IndexState) -> np.ndarray | None:
+    """Every slot's text fingerprint (``Block.texts``), or None if a block has none."""
+    if any(b.texts is None for b in state.blocks):
+        return None
+    parts = [b.texts for b in state.blocks if b.texts is not None]
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+
+
 def vectors_at(state: IndexState, slots: np.ndarray) -> np.ndarray:
     """The vectors of sorted ``slots`` of ``state``, in that order."""
     parts, offset = [], 0
@@ -96,7 +107,8 @@ def compact(state: IndexState) -> IndexState:
     # Filled in place: masking each block and then concatenating the parts
     # would hold every live vector twice at once (150 MB more per 100,000 x 384).
     matrix = np.empty((int(state.live.sum()), dim), np.float32)
-    keys, files, positions = [], [], []
+    keys, files, positions, texts = [], [], [], []
+    hashed = all(block.texts is not None for block in state.blocks)
     offset = filled = 0
     for block in state.blocks:
         live = state.live[offset : offset + len(block)]
@@ -107,11 +119,14 @@ def compact(state: IndexState) -> IndexState:
         keys.append(block.keys.filter(pa.array(live)))
         files.append(block.files[live])
         positions.append(block.positions[live])
+        if block.texts is not None:
+            texts.append(block.texts[live])
     merged = Block(
         matrix=matrix,
         keys=pa.concat_tables(keys).combine_chunks(),
         files=np.concatenate(files),
         positions=np.concatenate(positions),
+        texts=np.concatenate(texts) if hashed and texts else None,
     )
     blocks = (merged,) if len(merged) else ()
     live = np.ones(len(merged), dtype=bool)

@@ -30,6 +30,7 @@ import numpy as np
 
 from deltavec.errors import DeltavecError, ModelChangedError
 from deltavec.search.source_table import matching_keys, render, rows_for
+from deltavec.search.state import text_fingerprints
 from deltavec.serve.batcher import QueryBatcher
 from deltavec.serve.keywords import KeywordIndex, KeywordView, key_id
 
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_FILE = "__file"
+_ORIGIN = "__origin"
 # serve.index = "auto": an approximate index from this many live rows. Below,
 # an exact pass is cheap (a batch of queries over 100,000 x 384 floats took
 # 22-27 ms in the server, half that here) and a second copy of the vectors is not.
@@ -246,7 +247,9 @@ class ServedTarget:
         view = search.index.view()
         keyword_view = None
         if keywords is not None:
-            keyword_view = keywords.apply(_texts(search, _keys_of(view)), ())
+            texts, self._unrendered = _texts(search, _keys_of(view))
+            self._unrendered_at = search.source.version()
+            keyword_view = keywords.apply(texts, ())
         batcher = QueryBatcher(search.embed_many)
         # Ranked exactly until ``complete`` adds the approximate index: the server
         # answers from the moment the vectors are loaded.
@@ -358,26 +361,57 @@ class ServedTarget:
                 # Filters and hit columns read the source: follow it too.
                 old.search.source.update_incremental()
             view = old.search.index.view()
+            keyword_view, updates = old.keywords, 0
+            if self._keyword_index is not None:
+                keyword_view, updates = self._follow_keywords(old, view, self._keyword_index)
             # Compared with what the snapshot holds, not with what this refresh
             # read: a refresh that failed after the index moved on is completed here.
-            if view is old.view:
+            if view is old.view and keyword_view is old.keywords:
                 self._complete()  # after a model change, or a build that failed
                 self.refreshed_at = started
                 return RefreshOutcome(view.version, False, False, 0, time.time() - started)
-            updates = 0
-            keyword_view = old.keywords
-            if self._keyword_index is not None:
-                upserted, deleted = changed_keys(old.view, view)
-                texts = _texts(old.search, upserted)
-                gone = [key_id(k.values()) for k in deleted.to_pylist()]
-                keyword_view = self._keyword_index.apply(texts, gone)
-                updates = len(texts) + len(gone)
-            approximate = self._approximate(view, old.approximate)
+            approximate = (
+                old.approximate if view is old.view else self._approximate(view, old.approximate)
+            )
             current = Snapshot(old.search, view, keyword_view, old.model, old.batcher, approximate)
             current.warm_filters(old)
             self.current = current
             self.refreshed_at = started
             return RefreshOutcome(view.version, True, False, updates, time.time() - started)
+
+    def _follow_keywords(
+        self, old: Snapshot, view: IndexView, keywords: KeywordIndex
+    ) -> tuple[KeywordView | None, int]:
+        """The keyword index for ``view``, and how many keys it rendered or dropped.
+
+        Renders the text of rows that are new or have new text, drops keys gone
+        from the target, and, once the source has moved on, renders again the
+        keys whose source row was missing (the job had not caught up with a
+        delete, or a row deleted and written back unchanged never reached the
+        target): the text of a row whose hash stays the same is never read
+        again, so without this their documents would stay missing.
+        """
+        pending = self._unrendered
+        if view is old.view:
+            upserted, deleted = pending.slice(0, 0), pending.slice(0, 0)
+        else:
+            upserted, deleted = changed_keys(old.view, view)
+        names = view.key_names
+        if deleted.num_rows:
+            pending = pending.join(deleted, keys=names, join_type="left anti")
+        source_version = old.search.source.version()
+        if pending.num_rows and source_version != self._unrendered_at:
+            others = pending.join(upserted, keys=names, join_type="left anti")
+            upserted, pending = _concat_keys(upserted, others), pending.slice(0, 0)
+        if not upserted.num_rows and not deleted.num_rows:
+            self._unrendered = pending
+            return old.keywords, 0
+        pending = pending.join(upserted, keys=names, join_type="left anti")
+        texts, missing = _texts(old.search, upserted)
+        self._unrendered = _concat_keys(pending, missing)
+        self._unrendered_at = source_version
+        gone = [key_id(k.values()) for k in deleted.to_pylist()]
+        return keywords.apply(texts, gone), len(texts) + len(gone)
 
     def run(self, every: float, stop: threading.Event, on_refresh: Callable[..., Any]) -> None:
         """Refresh every ``every`` seconds until ``stop`` is set; failures are logged, not fatal."""
@@ -400,44 +434,71 @@ class ServedTarget:
 
 
 def changed_keys(old: IndexView, new: IndexView) -> tuple[pa.Table, pa.Table]:
-    """(keys of rows that are new in ``new``, keys live in ``old`` but not in ``new``).
+    """(keys whose row is new or has new text in ``new``, keys live in ``old`` but not in ``new``).
 
-    A row is new when its (key, data file) pair is: a MERGE's rewritten file
-    brings its untouched rows along, and the keyword index then sees their text
-    unchanged and skips them.
+    A MERGE rewrites whole files, bringing their untouched rows along, and an
+    OPTIMIZE rewrites every row; neither changes those rows' text. With the text
+    hash the job records, a row counts as changed only when its hash did; a
+    target without one falls back to (key, data file) pairs, and the keyword
+    index then finds the text of a rewritten file's untouched rows unchanged.
     """
     keys = new.key_names
-    before, after = _keys_and_files(old), _keys_and_files(new)
-    upserted = after.join(before, keys=[*keys, _FILE], join_type="left anti").select(keys)
+    texts_before, texts_after = text_fingerprints(old.state), text_fingerprints(new.state)
+    if texts_before is None or texts_after is None:
+        before, after = _keys_and(old, _files(old)), _keys_and(new, _files(new))
+    else:
+        before, after = _keys_and(old, texts_before), _keys_and(new, texts_after)
+    upserted = after.join(before, keys=[*keys, _ORIGIN], join_type="left anti").select(keys)
     deleted = before.select(keys).join(after.select(keys), keys=keys, join_type="left anti")
     return upserted, deleted
 
 
-def _keys_and_files(view: IndexView) -> pa.Table:
+def _files(view: IndexView) -> np.ndarray:
+    blocks = view.state.blocks
+    return np.concatenate([b.files for b in blocks]) if blocks else np.zeros(0, np.int32)
+
+
+def _keys_and(view: IndexView, origin: np.ndarray) -> pa.Table:
+    """Live keys, each with its slot's entry of ``origin`` (text fingerprint or file id)."""
     import pyarrow as pa
 
     live = view.live_keys()
-    files = np.concatenate([b.files for b in view.state.blocks]) if view.state.blocks else None
     slots = live.column("__slot").to_numpy()
-    ids = files[slots] if files is not None else np.zeros(0, dtype=np.int32)
-    return live.select(view.key_names).append_column(_FILE, pa.array(ids))
+    return live.select(view.key_names).append_column(_ORIGIN, pa.array(origin[slots]))
 
 
 def _keys_of(view: IndexView) -> pa.Table:
     return view.live_keys().select(view.key_names)
 
 
-def _texts(search: SemanticSearch, keys: pa.Table) -> dict[str, str | None]:
-    """key id -> the template rendered from the key's source row now (None: no row)."""
+def _texts(search: SemanticSearch, keys: pa.Table) -> tuple[dict[str, str | None], pa.Table]:
+    """key id -> the template rendered from the key's source row now (None: no row),
+    and the keys that have no source row."""
+    import pyarrow as pa
+
     if keys.num_rows == 0:
-        return {}
+        return {}, keys
     names = keys.column_names
     columns = search.template_columns
     search.source.update_incremental()
     found = rows_for(search.source, keys, columns)
     out: dict[str, str | None] = {}
-    for key in keys.to_pylist():
+    missing = []
+    for i, key in enumerate(keys.to_pylist()):
         values = tuple(key[n] for n in names)
         row = found.get(values)
+        if row is None:
+            missing.append(i)
         out[key_id(values)] = None if row is None else render(search.template or "", row)
-    return out
+    return out, keys.take(pa.array(missing, pa.int64()))
+
+
+def _concat_keys(first: pa.Table, second: pa.Table) -> pa.Table:
+    """Two key tables of one schema as one (either may be empty)."""
+    import pyarrow as pa
+
+    if not second.num_rows:
+        return first
+    if not first.num_rows:
+        return second
+    return pa.concat_tables([first, second])
