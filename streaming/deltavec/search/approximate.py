@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deltavec.errors import SearchError
+from deltavec.search.state import first_slots
 
 if TYPE_CHECKING:
     from deltavec.search.index import Hit, IndexView, Slots
@@ -112,12 +113,16 @@ class IvfIndex:
     ) -> IvfIndex:
         """Trained on ``state``'s rows and holding its live ones (ids = slots)."""
         ivf = cls.train(state.blocks, nlist=nlist, nprobe=nprobe)
-        ivf.rebuild(state.blocks)
-        ivf.remove(np.flatnonzero(~state.live))
+        ivf.rebuild(state)
         return ivf
 
     def add(self, matrix: np.ndarray, first_slot: int, known: np.ndarray | None = None) -> None:
         """Add rows as slots ``first_slot`` on; ``known``: clusters already known (-1: not)."""
+        n = matrix.shape[0]
+        self._add(matrix, np.arange(first_slot, first_slot + n, dtype=np.int64), known)
+
+    def _add(self, matrix: np.ndarray, slots: np.ndarray, known: np.ndarray | None) -> None:
+        """Add the rows of ``matrix`` as ``slots`` (ascending); ``known`` as in ``add``."""
         n = matrix.shape[0]
         if not n:
             return
@@ -127,13 +132,13 @@ class IvfIndex:
         unknown = np.flatnonzero(lists < 0)
         if len(unknown):
             lists[unknown] = self.assign(x[unknown])
-        ids = np.arange(first_slot, first_slot + n, dtype=np.int64)
+        ids = np.ascontiguousarray(slots, dtype=np.int64)
         self.index.add_core(n, faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
-        if self.lists.shape[0] < first_slot + n:
-            grown = np.full(first_slot + n, -1, np.int64)
+        if self.lists.shape[0] <= ids[-1]:
+            grown = np.full(int(ids[-1]) + 1, -1, np.int64)
             grown[: self.lists.shape[0]] = self.lists
             self.lists = grown
-        self.lists[first_slot : first_slot + n] = lists
+        self.lists[ids] = lists
 
     def assign(self, x: np.ndarray) -> np.ndarray:
         """The cluster each row of ``x`` goes into: its nearest centre, as FAISS's add picks."""
@@ -155,15 +160,15 @@ class IvfIndex:
 
         The ids are slots. When ``new`` keeps ``old``'s blocks and appends (a
         refresh), the rows that died are dropped and the new blocks added;
-        otherwise (compaction, a reload) every row is added again under its new slot.
+        otherwise (a block compacted, a reload) the rows of the blocks kept are
+        renumbered where they lie and only the new blocks' rows are added, each
+        into the cluster of the row it repeats if any (``known``).
         """
         extends = len(new.blocks) >= len(old.blocks) and all(
             a is b for a, b in zip(old.blocks, new.blocks, strict=False)
         )
         if not extends:
-            held = np.flatnonzero(old.live)
-            self.rebuild(new.blocks, [self.known(old, held, block) for block in new.blocks])
-            self.remove(np.flatnonzero(~new.live))
+            self._regroup(old, new)
             return
         dying = np.flatnonzero(old.live & ~new.live[: old.slots])
         added = new.blocks[len(old.blocks) :]
@@ -174,6 +179,56 @@ class IvfIndex:
             self.add(block.matrix, offset, lists)
             offset += len(block)
         self.remove(old.slots + np.flatnonzero(~new.live[old.slots :]))
+
+    def _regroup(self, old: IndexState, new: IndexState) -> None:
+        """``follow`` when blocks left or moved (compaction, a reload): the rows of
+        blocks ``new`` kept stay where they are in the index under their new slots,
+        and only the rows of its new blocks are added."""
+        before, after = first_slots(old), first_slots(new)
+        left = self._left(old, new, before, after)
+        fresh = [b for b in new.blocks if id(b) not in before]
+        known = [self.known(old, left, block) for block in fresh]  # before old slots go
+        self.remove(left)
+        remap = np.full(old.slots, -1, np.int64)
+        for block in old.blocks:
+            at = after.get(id(block))
+            if at is not None:
+                lo = before[id(block)]
+                remap[lo : lo + len(block)] = np.arange(at, at + len(block))
+        self._renumber(remap, new.slots)
+        for block, lists in zip(fresh, known, strict=True):
+            at = after[id(block)]
+            live = np.flatnonzero(new.live[at : at + len(block)])
+            matrix = block.matrix if len(live) == len(block) else block.matrix[live]
+            self._add(matrix, at + live, lists[live])
+
+    def _renumber(self, remap: np.ndarray, slots: int) -> None:
+        """Give every row held the slot ``remap[its slot]``, in place: ids are
+        rewritten in the inverted lists, the vectors are not moved."""
+        faiss = require_faiss()
+        invlists = self.index.invlists
+        for number in range(self.index.nlist):
+            size = invlists.list_size(number)
+            if size:
+                ids = faiss.rev_swig_ptr(invlists.get_ids(number), size)  # a view: written through
+                ids[:] = remap[ids]
+        lists = np.full(slots, -1, np.int64)
+        held = np.flatnonzero(self.lists[: len(remap)] >= 0)
+        lists[remap[held]] = self.lists[held]
+        self.lists = lists
+
+    @staticmethod
+    def _left(
+        old: IndexState, new: IndexState, before: dict[int, int], after: dict[int, int]
+    ) -> np.ndarray:
+        """Slots of ``old`` live there but not as the same row in ``new``: rows of blocks
+        ``new`` dropped or compacted, and rows of blocks it kept that died."""
+        left = old.live.copy()
+        for block in old.blocks:
+            lo, at = before[id(block)], after.get(id(block))
+            if at is not None:
+                left[lo : lo + len(block)] &= ~new.live[at : at + len(block)]
+        return np.flatnonzero(left)
 
     def known(self, old: IndexState, slots: np.ndarray, block: Block) -> np.ndarray:
         """The clusters ``block``'s rows already have, -1 where unknown.
@@ -206,19 +261,16 @@ class IvfIndex:
         """About how many rows one query visits in an index of ``rows`` rows."""
         return rows * self.nprobe / max(1, int(self.index.nlist))
 
-    def rebuild(
-        self, blocks: Sequence[Block], known: Sequence[np.ndarray | None] | None = None
-    ) -> None:
-        """Re-add every row under new slot numbers (after compaction); keeps the clusters.
-
-        ``known[i]``: the clusters of block i's rows already known (-1: not).
-        """
+    def rebuild(self, state: IndexState) -> None:
+        """Hold ``state``'s live rows (ids: their slots) and nothing else; keeps the clusters."""
         self.index.reset()
-        self.lists = np.full(0, -1, np.int64)
+        self.lists = np.full(state.slots, -1, np.int64)
         offset = 0
-        for i, block in enumerate(blocks):
-            self.add(block.matrix, offset, None if known is None else known[i])
-            offset += block.matrix.shape[0]
+        for block in state.blocks:
+            live = np.flatnonzero(state.live[offset : offset + len(block)])
+            matrix = block.matrix if len(live) == len(block) else block.matrix[live]
+            self._add(matrix, offset + live, None)
+            offset += len(block)
 
     def search(
         self, queries: np.ndarray, k: int, *, within: np.ndarray | None = None

@@ -117,6 +117,23 @@ def subset(data: pads.FileSystemDataset, fragments: list[pads.Fragment]) -> pads
     return pads.FileSystemDataset(fragments, data.schema, data.format, data.filesystem)
 
 
+def in_groups(data: pads.FileSystemDataset, rows: int) -> list[pads.Dataset]:
+    """``data``'s files in groups of at least ``rows`` rows (the last may hold fewer),
+    in order, each file in one group; the row counts are the files' footers'."""
+    groups: list[pads.Dataset] = []
+    fragments: list[pads.Fragment] = []
+    held = 0
+    for fragment in data.get_fragments():
+        fragments.append(fragment)
+        held += fragment.count_rows()
+        if held >= rows:
+            groups.append(subset(data, fragments))
+            fragments, held = [], 0
+    if fragments or not groups:
+        groups.append(subset(data, fragments))
+    return groups
+
+
 def read_files(
     data: pads.Dataset, *, keys: list[str], dim: int, path: str, first_file_id: int
 ) -> FileRows:

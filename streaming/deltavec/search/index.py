@@ -33,7 +33,14 @@ from deltavec.columns import EMBEDDING, MODEL
 from deltavec.errors import ModelChangedError, TargetError
 from deltavec.search import deletions, delta_files, refresh
 from deltavec.search.refresh import RefreshReport
-from deltavec.search.state import FileRows, IndexState, compact, needs_compaction, vectors_at
+from deltavec.search.state import (
+    FileRows,
+    IndexState,
+    block_rows,
+    compact,
+    needs_compaction,
+    vectors_at,
+)
 from deltavec.sink.target import DIM_PROPERTY, KEYS_PROPERTY, MODEL_PROPERTY
 
 if TYPE_CHECKING:
@@ -149,9 +156,10 @@ class VectorIndex:
         missing = [c for c in (*keys, EMBEDDING, MODEL) if c not in names]
         if missing:
             raise TargetError(f"target {self.path} lacks column(s) {', '.join(missing)}")
-        loaded = self._read(delta_files.dataset(self.table, self.path, self.storage_options))
-        blocks = (loaded.block,) if len(loaded.block) else ()
-        live = np.ones(len(loaded.block), dtype=bool)
+        data = delta_files.dataset(self.table, self.path, self.storage_options)
+        loaded = refresh.read_blocks(data, self._read, block_rows(data.count_rows()))
+        blocks = loaded.blocks
+        live = np.ones(loaded.rows, dtype=bool)
         deleted = deletions.deleted_rows(self.table) if deletions.enabled(self.table) else {}
         deletions.mask(live, blocks, loaded.file_ids, deleted)
         state = IndexState(

@@ -3,7 +3,7 @@
 ``diff_commits`` turns a target's new log versions into the next ``IndexState``:
 rows of files a commit removed are masked out, rows a grown deletion vector names
 are masked out by position (the file is not read again), and files a commit added
-are read into a new block. A MERGE therefore costs the rows it wrote, not the table.
+are read into new blocks. A MERGE therefore costs the rows it wrote, not the table.
 It builds the new state aside and changes nothing the caller holds.
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deltavec.search import deletions, delta_files
-from deltavec.search.state import Block, FileRows, IndexState
+from deltavec.search.state import Block, FileRows, IndexState, block_rows
 
 if TYPE_CHECKING:
     from deltalake import DeltaTable
@@ -57,11 +57,11 @@ class RefreshReport:
 
 @dataclass(frozen=True)
 class Diff:
-    """The next state, what it took, and the block of rows read from added files."""
+    """The next state, what it took, and the blocks of rows read from added files."""
 
     state: IndexState
     report: RefreshReport
-    added: Block
+    added: tuple[Block, ...]
 
 
 def diff_commits(
@@ -98,7 +98,9 @@ def diff_commits(
         if changes is None or changes.restored or changes.without_vector & state.masked_files:
             return None
         to_mask = changes.with_vector & fragments.keys()
-    loaded = read(delta_files.subset(data, added))
+    # An OPTIMIZE adds the whole table again: read it in blocks, as a first load.
+    size = block_rows(int(state.live.sum()) + sum(f.count_rows() for f in added))
+    loaded = read_blocks(delta_files.subset(data, added), read, size)
     deleted = deletions.deleted_rows(table, to_mask) if to_mask else {}
 
     # Nothing below depends on the table's content: it cannot fail half way.
@@ -109,8 +111,8 @@ def diff_commits(
     if removed_ids.size:
         live[np.isin(np.concatenate([b.files for b in state.blocks]), removed_ids)] = False
     rows_removed = int(state.live.sum() - live.sum())
-    blocks = state.blocks + ((loaded.block,) if len(loaded.block) else ())
-    live = np.concatenate([live, np.ones(len(loaded.block), dtype=bool)])
+    blocks = state.blocks + loaded.blocks
+    live = np.concatenate([live, np.ones(loaded.rows, dtype=bool)])
     rows_masked = deletions.mask(live, blocks, file_ids, deleted)
     files_masked = len(to_mask & state.file_ids.keys())
     masked_files = (state.masked_files & fragments.keys()) | frozenset(deleted)
@@ -122,7 +124,7 @@ def diff_commits(
         state.version,
         after,
         len(added),
-        len(loaded.block),
+        loaded.rows,
         len(removed),
         rows_removed,
         files_masked,
@@ -134,8 +136,31 @@ def diff_commits(
         files_added=len(added),
         files_removed=len(removed),
         files_masked=files_masked,
-        rows_added=len(loaded.block),
+        rows_added=loaded.rows,
         rows_removed=rows_removed,
         rows_masked=rows_masked,
     )
-    return Diff(state=new, report=report, added=loaded.block)
+    return Diff(state=new, report=report, added=loaded.blocks)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Files read in blocks: the blocks (none empty), the ids given to the files, and rows."""
+
+    blocks: tuple[Block, ...]
+    file_ids: dict[str, int]
+    rows: int
+
+
+def read_blocks(data: Any, read: Callable[[Any], FileRows], rows: int) -> Loaded:
+    """``data``'s files read into blocks of whole files, at least ``rows`` rows each
+    (the last may hold fewer): no block is cut from a larger one, so the rows are
+    never held twice."""
+    blocks: list[Block] = []
+    file_ids: dict[str, int] = {}
+    for group in delta_files.in_groups(data, rows):
+        loaded = read(group)
+        file_ids.update(loaded.file_ids)
+        if len(loaded.block):
+            blocks.append(loaded.block)
+    return Loaded(tuple(blocks), file_ids, sum(len(b) for b in blocks))

@@ -1,9 +1,10 @@
 """What a search index holds in memory: blocks of rows, and one immutable state over them.
 
-A ``Block`` is rows read together from the target's files; an ``IndexState`` is one
+A ``Block`` is the rows of whole files of the target; an ``IndexState`` is one
 table version: its blocks, which of their rows are live, and which file each row
 came from. A state is never changed once built (a refresh builds the next one), so
-a query that took a state answers from one table version whatever else happens.
+a query that took a state answers from one table version whatever else happens,
+and a block is never changed either: the next state shares the blocks it keeps.
 """
 
 from __future__ import annotations
@@ -16,10 +17,18 @@ import numpy as np
 if TYPE_CHECKING:
     import pyarrow as pa
 
-# Masked-out rows cost a multiply each per query; past this share they are dropped.
+# Masked-out rows cost a multiply each per query; past this share of a block's
+# rows, the block is written again without them.
 COMPACT_AT = 0.25
-# Each refresh that adds rows adds a block; merge them before queries pay for many.
-MAX_BLOCKS = 16
+# Each refresh that adds rows adds a block, and every block costs an exact query
+# a matrix product of its own; past this many, blocks are merged.
+MAX_BLOCKS = 8
+# A table is held in blocks of whole files, about 1/TARGET_BLOCKS of its rows
+# each and at least BLOCK_ROWS: a file a MERGE rewrites then dies in one
+# block, and compacting that block copies a slice of the table, not all of it.
+# Half of MAX_BLOCKS: a table just loaded has room for refreshes' blocks.
+TARGET_BLOCKS = MAX_BLOCKS // 2
+BLOCK_ROWS = 16_384
 
 
 @dataclass(frozen=True)
@@ -95,24 +104,80 @@ def vectors_at(state: IndexState, slots: np.ndarray) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
+def first_slots(state: IndexState) -> dict[int, int]:
+    """The slot of each block's first row in ``state``, by the block's ``id``."""
+    starts, offset = {}, 0
+    for block in state.blocks:
+        starts[id(block)] = offset
+        offset += len(block)
+    return starts
+
+
+def block_rows(rows: int) -> int:
+    """The rows a block of a table of ``rows`` rows is cut to hold (whole files)."""
+    return max(BLOCK_ROWS, -(-rows // TARGET_BLOCKS))
+
+
 def needs_compaction(state: IndexState) -> bool:
-    return state.dead > COMPACT_AT * max(state.slots, 1) or len(state.blocks) > MAX_BLOCKS
+    starts = first_slots(state)
+    shares = (_dead_share(state, starts[id(b)], len(b)) for b in state.blocks)
+    return len(state.blocks) > MAX_BLOCKS or any(share > COMPACT_AT for share in shares)
 
 
 def compact(state: IndexState) -> IndexState:
-    """The same rows without the masked-out ones, in one block."""
+    """The same rows, blocks with many masked-out rows written again without them.
+
+    A block whose share of masked-out rows passed ``COMPACT_AT`` is copied
+    without them (and dropped if none is live); others stay as they are, the
+    same objects, so an index built over a block stays valid. Past
+    ``MAX_BLOCKS`` blocks, the two adjacent ones with fewest live rows become one.
+    """
+    blocks: list[Block] = []
+    lives: list[np.ndarray] = []
+    starts = first_slots(state)
+    for block in state.blocks:
+        lo = starts[id(block)]
+        live = state.live[lo : lo + len(block)]
+        if _dead_share(state, lo, len(block)) > COMPACT_AT:
+            block = _live_rows([block], [live])
+            live = np.ones(len(block), bool)
+        if len(block):
+            blocks.append(block)
+            lives.append(live)
+    while len(blocks) > MAX_BLOCKS:
+        sizes = [int(live.sum()) for live in lives]
+        i = min(range(len(blocks) - 1), key=lambda j: sizes[j] + sizes[j + 1])
+        blocks[i : i + 2] = [_live_rows(blocks[i : i + 2], lives[i : i + 2])]
+        lives[i : i + 2] = [np.ones(len(blocks[i]), bool)]
+    live = np.concatenate(lives) if lives else np.zeros(0, bool)
+    return IndexState(
+        state.version,
+        tuple(blocks),
+        live,
+        int(live.size - live.sum()),
+        state.file_ids,
+        state.masked_files,
+    )
+
+
+def _dead_share(state: IndexState, lo: int, rows: int) -> float:
+    if not rows:
+        return 1.0
+    return 1.0 - int(state.live[lo : lo + rows].sum()) / rows
+
+
+def _live_rows(blocks: list[Block], lives: list[np.ndarray]) -> Block:
+    """The live rows of ``blocks`` (``lives[i]``: which of block i's are), as one block."""
     import pyarrow as pa
 
-    dim = state.blocks[0].matrix.shape[1] if state.blocks else 0
+    dim = blocks[0].matrix.shape[1]
     # Filled in place: masking each block and then concatenating the parts
-    # would hold every live vector twice at once (150 MB more per 100,000 x 384).
-    matrix = np.empty((int(state.live.sum()), dim), np.float32)
+    # would hold the live vectors twice at once.
+    matrix = np.empty((sum(int(live.sum()) for live in lives), dim), np.float32)
+    hashed = all(block.texts is not None for block in blocks)
     keys, files, positions, texts = [], [], [], []
-    hashed = all(block.texts is not None for block in state.blocks)
-    offset = filled = 0
-    for block in state.blocks:
-        live = state.live[offset : offset + len(block)]
-        offset += len(block)
+    filled = 0
+    for block, live in zip(blocks, lives, strict=True):
         kept = int(live.sum())
         np.compress(live, block.matrix, axis=0, out=matrix[filled : filled + kept])
         filled += kept
@@ -121,13 +186,10 @@ def compact(state: IndexState) -> IndexState:
         positions.append(block.positions[live])
         if block.texts is not None:
             texts.append(block.texts[live])
-    merged = Block(
+    return Block(
         matrix=matrix,
         keys=pa.concat_tables(keys).combine_chunks(),
         files=np.concatenate(files),
         positions=np.concatenate(positions),
         texts=np.concatenate(texts) if hashed and texts else None,
     )
-    blocks = (merged,) if len(merged) else ()
-    live = np.ones(len(merged), dtype=bool)
-    return IndexState(state.version, blocks, live, 0, state.file_ids, state.masked_files)
