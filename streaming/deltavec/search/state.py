@@ -129,7 +129,7 @@ def compact(state: IndexState) -> IndexState:
 
     A block whose share of masked-out rows passed ``COMPACT_AT`` is copied
     without them (and dropped if none is live); others stay as they are, the
-    same objects, so an index built over a block stays valid. Past
+    same objects, so the approximate index keeps their rows where they lie. Past
     ``MAX_BLOCKS`` blocks, the two adjacent ones with fewest live rows become one.
     """
     blocks: list[Block] = []
